@@ -1,0 +1,1 @@
+MATCH (n) WITH n LIMIT $limit DETACH DELETE n RETURN count(*) AS deleted

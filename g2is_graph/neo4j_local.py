@@ -1,0 +1,325 @@
+"""The project-managed Neo4j 5.26 Community server: jars from Maven Central, no Docker.
+
+The server is `org.neo4j.server.CommunityEntryPoint` launched directly with Java 17 (the shipped
+`bin/neo4j` script is not on Maven Central), so JVM flags are passed on the command line. Its state
+directory holds conf, data, logs, the pid and, when auth is on, a generated password (mode 0600).
+Only the pid this module started is ever signalled, after checking its command line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import ServerConfig
+
+JVM_FLAGS = [
+    "-XX:+UseG1GC", "-XX:-OmitStackTraceInFastThrow", "-XX:+UnlockExperimentalVMOptions",
+    "-XX:+TrustFinalNonStaticFields", "-XX:+DisableExplicitGC", "-XX:+ExitOnOutOfMemoryError",
+    "-Djdk.nio.maxCachedBufferSize=1024", "-Dio.netty.tryReflectionSetAccessible=true",
+    "-Dlog4j2.disable.jmx=true", "-Dfile.encoding=UTF-8",
+    "--add-opens=java.base/java.nio=ALL-UNNAMED", "--add-opens=java.base/java.io=ALL-UNNAMED",
+    "--add-opens=java.base/sun.nio.ch=ALL-UNNAMED", "--add-opens=java.base/java.util.concurrent=ALL-UNNAMED",
+    "--enable-native-access=ALL-UNNAMED",
+]
+ENTRY_POINT = "org.neo4j.server.CommunityEntryPoint"
+MAVEN_DEPENDENCY_PLUGIN = "3.6.1"  # Maven 3.8.7's default binding is too old for copy-dependencies
+POM_TEMPLATE = """<project xmlns="http://maven.apache.org/POM/4.0.0">
+  <modelVersion>4.0.0</modelVersion>
+  <groupId>local.g2is</groupId><artifactId>neo4j-server-bundle</artifactId><version>1</version>
+  <packaging>pom</packaging>
+  <dependencies>
+    <dependency><groupId>org.neo4j.app</groupId><artifactId>neo4j-server</artifactId><version>{v}</version></dependency>
+    <dependency><groupId>org.neo4j</groupId><artifactId>neo4j</artifactId><version>{v}</version></dependency>
+    <dependency><groupId>org.neo4j</groupId><artifactId>neo4j-bolt</artifactId><version>{v}</version></dependency>
+  </dependencies>
+  <build><plugins><plugin><groupId>org.apache.maven.plugins</groupId>
+    <artifactId>maven-dependency-plugin</artifactId><version>{p}</version></plugin></plugins></build>
+</project>
+"""
+DEFAULT_USER = "neo4j"
+
+
+class ServerError(RuntimeError):
+    """The local server could not be fetched, started or stopped; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class ServerStatus:
+    state: str  # "running" | "stopped" | "stale"
+    pid: int | None
+    uri: str | None
+    auth: bool
+    state_dir: Path
+
+    def line(self) -> str:
+        if self.state == "running":
+            return f"running: pid {self.pid}, {self.uri} (auth {'on' if self.auth else 'off'}), state {self.state_dir}"
+        if self.state == "stale":
+            return f"stale: pid file names {self.pid}, which is not a running server; state {self.state_dir}"
+        return f"stopped: state {self.state_dir}"
+
+
+class LocalServer:
+    """Start, stop and inspect one Neo4j server owned by this project."""
+
+    def __init__(self, config: ServerConfig | None = None):
+        self.config = config or ServerConfig()
+        self.home = Path(self.config.state_dir).expanduser().resolve()
+        self.jar_dir = self.config.resolved_jar_dir()
+
+    # -- files -----------------------------------------------------------------------------
+    @property
+    def pid_file(self) -> Path:
+        return self.home / "run" / "g2is-neo4j.pid"
+
+    @property
+    def info_file(self) -> Path:
+        return self.home / "server.json"
+
+    @property
+    def password_file(self) -> Path:
+        return self.home / "password"
+
+    @property
+    def console_log(self) -> Path:
+        return self.home / "logs" / "console.log"
+
+    def password(self) -> str | None:
+        """The generated password of this server (None when auth is off or never started)."""
+        if not self.config.auth or not self.password_file.exists():
+            return None
+        return self.password_file.read_text().strip()
+
+    # -- jars ------------------------------------------------------------------------------
+    def ensure_jars(self, echo=print) -> Path:
+        """Fetch the server jars with Maven once; the directory appears only when complete."""
+        marker = self.jar_dir / ".complete"
+        if marker.exists():
+            return self.jar_dir
+        if shutil.which("mvn") is None:
+            raise ServerError("Maven (mvn) is not installed: it is needed once to fetch the Neo4j jars")
+        self.jar_dir.parent.mkdir(parents=True, exist_ok=True)
+        echo(f"fetching Neo4j {self.config.version} jars from Maven Central into {self.jar_dir} (first run only)")
+        with tempfile.TemporaryDirectory(dir=self.jar_dir.parent) as tmp:
+            pom = Path(tmp) / "pom.xml"
+            pom.write_text(POM_TEMPLATE.format(v=self.config.version, p=MAVEN_DEPENDENCY_PLUGIN))
+            staging = Path(tmp) / "lib"
+            cmd = ["mvn", "-B", "-q", "-f", str(pom), "dependency:copy-dependencies",
+                   f"-DoutputDirectory={staging}", "-DincludeScope=runtime"]
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode != 0:
+                tail = "\n".join((done.stdout + done.stderr).splitlines()[-15:])
+                raise ServerError(f"Maven could not fetch Neo4j {self.config.version}:\n{tail}")
+            (staging / ".complete").write_text(self.config.version + "\n")
+            if self.jar_dir.exists():
+                shutil.rmtree(self.jar_dir)
+            staging.rename(self.jar_dir)
+        return self.jar_dir
+
+    # -- status ----------------------------------------------------------------------------
+    def _read_info(self) -> dict:
+        try:
+            return json.loads(self.info_file.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return {}
+
+    def _owned_pid(self) -> int | None:
+        """The pid in our pid file if that process is our server (checked by its command line)."""
+        try:
+            pid = int(self.pid_file.read_text().strip())
+        except (FileNotFoundError, ValueError):
+            return None
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            return None
+        args = [a.decode(errors="replace") for a in cmdline]
+        if ENTRY_POINT in args and f"--home-dir={self.home}" in args:
+            return pid
+        return None
+
+    def status(self) -> ServerStatus:
+        info = self._read_info()
+        pid = self._owned_pid()
+        if pid is not None and _process_alive(pid):
+            return ServerStatus("running", pid, info.get("uri"), bool(info.get("auth")), self.home)
+        if self.pid_file.exists():
+            try:
+                stale = int(self.pid_file.read_text().strip())
+            except ValueError:
+                stale = None
+            return ServerStatus("stale", stale, None, bool(info.get("auth")), self.home)
+        return ServerStatus("stopped", None, None, bool(info.get("auth")), self.home)
+
+    # -- start / stop ----------------------------------------------------------------------
+    def start(self, echo=print) -> ServerStatus:
+        """Start the server (or return the one already running) and wait until Bolt answers."""
+        current = self.status()
+        if current.state == "running":
+            return current
+        if current.state == "stale":
+            self.pid_file.unlink(missing_ok=True)
+        java = Path(self.config.java)
+        if not java.exists():
+            raise ServerError(f"Java 17 not found at {java}; set [server] java in g2is.toml (Neo4j 5.26 needs Java 17)")
+        jars = self.ensure_jars(echo)
+        for sub in ("conf", "data", "logs", "run", "plugins"):
+            (self.home / sub).mkdir(parents=True, exist_ok=True)
+        os.chmod(self.home, 0o700)
+        port = self.config.port if _port_free(self.config.port) else _free_port()
+        self._write_conf(port)
+        cmd = [str(java), f"-Xms{self.config.heap}", f"-Xmx{self.config.heap}", *JVM_FLAGS,
+               "-cp", f"{jars}/*", ENTRY_POINT, f"--home-dir={self.home}",
+               f"--config-dir={self.home / 'conf'}", "--console-mode"]
+        log = open(self.console_log, "ab")
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True, cwd=self.home)
+        log.close()
+        self.pid_file.write_text(f"{proc.pid}\n")
+        uri = f"bolt://127.0.0.1:{port}"
+        self.info_file.write_text(json.dumps({"uri": uri, "port": port, "auth": self.config.auth,
+                                              "version": self.config.version, "pid": proc.pid}))
+        self._wait_ready(proc, uri)
+        if self.config.auth:
+            self._ensure_password(uri)
+        return self.status()
+
+    def stop(self) -> ServerStatus:
+        """SIGTERM our pid, wait for a clean shutdown, SIGKILL after the timeout."""
+        pid = self._owned_pid()
+        if pid is not None and _process_alive(pid):
+            os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + self.config.stop_timeout_s
+            while _process_alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            if _process_alive(pid):
+                os.kill(pid, signal.SIGKILL)
+                while _process_alive(pid):
+                    time.sleep(0.1)
+        self.pid_file.unlink(missing_ok=True)
+        return self.status()
+
+    def kill(self) -> None:
+        """SIGKILL our server at once (fault-injection tests)."""
+        pid = self._owned_pid()
+        if pid is not None:
+            os.kill(pid, signal.SIGKILL)
+            while _process_alive(pid):
+                time.sleep(0.05)
+
+    # -- internals -------------------------------------------------------------------------
+    def _write_conf(self, port: int) -> None:
+        h = self.home
+        lines = {
+            "server.bolt.enabled": "true",
+            "server.bolt.listen_address": f"127.0.0.1:{port}",
+            "server.bolt.advertised_address": f"127.0.0.1:{port}",
+            "server.default_listen_address": "127.0.0.1",
+            "server.http.enabled": "false",
+            "server.https.enabled": "false",
+            "dbms.security.auth_enabled": "true" if self.config.auth else "false",
+            "dbms.usage_report.enabled": "false",
+            "server.directories.data": str(h / "data"),
+            "server.directories.logs": str(h / "logs"),
+            "server.directories.run": str(h / "run"),
+            "server.directories.plugins": str(h / "plugins"),
+            "server.directories.import": str(h / "import"),
+            "server.memory.pagecache.size": self.config.pagecache,
+            "dbms.memory.transaction.total.max": self.config.transaction_max,
+            "db.tx_log.rotation.retention_policy": "keep_none",
+        }
+        (h / "conf" / "neo4j.conf").write_text("".join(f"{k}={v}\n" for k, v in lines.items()))
+
+    def _wait_ready(self, proc: subprocess.Popen, uri: str) -> None:
+        from neo4j import GraphDatabase
+        from neo4j.exceptions import AuthError, ClientError
+
+        deadline = time.monotonic() + self.config.start_timeout_s
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                self.pid_file.unlink(missing_ok=True)
+                raise ServerError(f"Neo4j exited with code {proc.returncode} during start; "
+                                  f"last lines of {self.console_log}:\n{_tail(self.console_log)}")
+            auth = (DEFAULT_USER, self.password() or "neo4j") if self.config.auth else None
+            try:
+                with GraphDatabase.driver(uri, auth=auth, connection_timeout=2) as driver:
+                    driver.verify_connectivity()
+                return
+            except (AuthError, ClientError):
+                return  # Bolt answers; credentials are settled by _ensure_password
+            except Exception:  # noqa: BLE001 - any connection error means "not yet"
+                time.sleep(0.5)
+        raise ServerError(f"Neo4j did not answer on {uri} within {self.config.start_timeout_s:.0f}s; "
+                          f"see {self.console_log}:\n{_tail(self.console_log)}")
+
+    def _ensure_password(self, uri: str) -> None:
+        """On a fresh data directory, replace the default password by a generated one (0600 file)."""
+        from neo4j import GraphDatabase
+        from neo4j.exceptions import AuthError
+
+        if not self.password_file.exists():
+            fd = os.open(self.password_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as fh:
+                fh.write(secrets.token_urlsafe(24) + "\n")
+        password = self.password()
+        try:
+            with GraphDatabase.driver(uri, auth=(DEFAULT_USER, password)) as driver:
+                driver.verify_connectivity()
+            return
+        except AuthError:
+            pass
+        try:
+            with GraphDatabase.driver(uri, auth=(DEFAULT_USER, "neo4j")) as driver:
+                with driver.session(database="system") as session:
+                    session.run("ALTER CURRENT USER SET PASSWORD FROM $old TO $new",
+                                old="neo4j", new=password).consume()
+        except AuthError as exc:
+            raise ServerError(f"the server in {self.home} rejects both the stored and the default password; "
+                              f"remove {self.home / 'data'} to reset it") from exc
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie child counts as dead
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except FileNotFoundError:
+        return "(no log)"
