@@ -6,6 +6,7 @@ Errors the user can act on print as one line plus a hint and exit non-zero (2: b
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import sys
@@ -15,7 +16,10 @@ import click
 
 from . import config as cfg
 from .graph import Graph, GraphError, GraphUnavailable
+from .data import RecordError
+from .model import ModelError
 from .neo4j_local import LocalServer, ServerError
+from .store import StoreError
 
 EXIT_BAD_INPUT = 2
 EXIT_UNAVAILABLE = 3
@@ -26,12 +30,10 @@ USER_ERRORS: dict[type, tuple[int, str]] = {
     GraphUnavailable: (EXIT_UNAVAILABLE, "`g2is neo4j status` shows the local server; NEO4J_URI selects another"),
     GraphError: (EXIT_BAD_INPUT, "the database refused the statement"),
     ServerError: (EXIT_SERVER, "`g2is neo4j status` and the server's console.log say more"),
+    RecordError: (EXIT_BAD_INPUT, "fix the record, or pass --skip-bad to skip and report bad records"),
+    ModelError: (EXIT_BAD_INPUT, "pass an HF model folder or a .gguf file"),
+    StoreError: (EXIT_BAD_INPUT, "the feature store named above is incomplete, corrupted or from another setup"),
 }
-
-
-def register_user_error(exc_type: type, exit_code: int, hint: str) -> None:
-    """Modules with their own error types (records, store, ...) make them one-line CLI errors."""
-    USER_ERRORS[exc_type] = (exit_code, hint)
 
 
 class Context:
@@ -48,6 +50,12 @@ class Context:
 
     def connection(self) -> cfg.ConnectionConfig:
         return cfg.ConnectionConfig.from_env(self.section("neo4j"))
+
+    def build(self, cls: type, section: str, **flags):
+        """A config dataclass from defaults < g2is.toml [section] < flags given on the command line."""
+        values = self.section(section)
+        values.update({k: v for k, v in flags.items() if v is not None})
+        return cfg.build(cls, values, section)
 
     def echo(self, message: str) -> None:
         if not self.quiet:
@@ -170,3 +178,110 @@ def demo(obj: Context) -> None:
         counts = graph.counts()
         click.echo(f"Neo4j ready at {graph.uri} (database {graph.database}): "
                    + ", ".join(f"{k} {v}" for k, v in counts.items()))
+
+
+# -- ingest: warmup and gradients ----------------------------------------------------------
+def _data_config(obj: Context, max_length, template, skip_bad, **extra) -> cfg.DataConfig:
+    return obj.build(cfg.DataConfig, "data", max_length=max_length, template=template,
+                     skip_bad=True if skip_bad else None, **extra)
+
+
+data_options = [
+    click.option("--max-length", type=int, default=None, help="Truncate examples to this many tokens."),
+    click.option("--template", type=click.Choice(["model", "tulu"]), default=None,
+                 help="Chat rendering: the model's chat template (default) or LESS's tulu form."),
+    click.option("--skip-bad", is_flag=True, help="Skip bad records (reported in skipped.jsonl) instead of failing."),
+]
+
+
+def with_options(options):
+    def wrap(fn):
+        for option in reversed(options):
+            fn = option(fn)
+        return fn
+    return wrap
+
+
+@main.command()
+@click.argument("pool", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--model", "model_spec", required=True, help="HF model folder or .gguf file.")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Checkpoint directory.")
+@click.option("--fraction", type=float, default=None, help="Fraction of the pool to warm up on (default 0.05).")
+@click.option("--max-examples", type=int, default=None, help="Cap on warmup examples after the fraction.")
+@click.option("--epochs", type=int, default=None)
+@click.option("--lr", type=float, default=None)
+@click.option("--lora-r", type=int, default=None)
+@click.option("--lora-alpha", type=int, default=None)
+@click.option("--batch-size", type=int, default=None)
+@click.option("--grad-accumulation", type=int, default=None)
+@click.option("--seed", type=int, default=None)
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None)
+@click.option("--device", default=None, help="auto (default), cpu, cuda, cuda:N.")
+@with_options(data_options)
+@click.pass_obj
+def warmup(obj: Context, pool, model_spec, out, lora_r, lora_alpha, max_length, template, skip_bad, **flags) -> None:
+    """LoRA warmup on a seeded fraction of POOL; saves adapter + name-keyed Adam state per epoch."""
+    from ingest.warmup import checkpoint_weights, run_warmup
+
+    config = obj.build(cfg.WarmupConfig, "warmup", **flags)
+    if lora_r is not None or lora_alpha is not None:
+        config = dataclasses.replace(config, lora=dataclasses.replace(
+            config.lora, r=lora_r or config.lora.r, alpha=lora_alpha or config.lora.alpha))
+    checkpoints = run_warmup(pool, model_spec, out, config, _data_config(obj, max_length, template, skip_bad),
+                             echo=obj.echo, progress=not obj.quiet)
+    weights = checkpoint_weights(checkpoints)
+    for checkpoint, weight in zip(checkpoints, weights):
+        click.echo(f"{checkpoint.path}\tepoch {checkpoint.epoch}\tstep {checkpoint.step}\tweight {weight:.4f}")
+
+
+@main.command()
+@click.argument("records", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--model", "model_spec", required=True, help="HF model folder or .gguf file (the warmup's base).")
+@click.option("--checkpoint", "checkpoints", multiple=True, required=True,
+              type=click.Path(exists=True, file_okay=False, path_type=Path), help="Warmup checkpoint (repeatable).")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Feature directory: one store per checkpoint inside it.")
+@click.option("--kind", type=click.Choice(["adam", "sgd"]), default=None,
+              help="adam: training-pool features (default); sgd: validation features.")
+@click.option("--adam-form", type=click.Choice(["less", "corrected"]), default=None)
+@click.option("--projector", "projector_kind", type=click.Choice(["rademacher", "gaussian", "sparse"]), default=None)
+@click.option("--dim", type=int, default=None, help="Projected dimension (default 8192).")
+@click.option("--projector-seed", type=int, default=None)
+@click.option("--batch-size", type=int, default=None)
+@click.option("--projection-batch", type=int, default=None)
+@click.option("--chunk-rows", type=int, default=None)
+@click.option("--store-dtype", type=click.Choice(["float32", "float16"]), default=None)
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None)
+@click.option("--device", default=None)
+@click.option("--shard", default=None, help="i/n: compute only this shard's chunks (merge is automatic).")
+@with_options(data_options)
+@click.pass_obj
+def gradients(obj: Context, records, model_spec, checkpoints, out, projector_kind, dim, projector_seed, shard,
+              max_length, template, skip_bad, **flags) -> None:
+    """Per-example projected LoRA gradient features of RECORDS, one store per checkpoint."""
+    from ingest.gradients import parse_shard, run_gradients
+
+    config = obj.build(cfg.GradientConfig, "gradients", **flags)
+    projector = obj.build(cfg.ProjectorConfig, "projector", kind=projector_kind, dim=dim, seed=projector_seed)
+    extra = {"eos_after_assistant": False} if config.kind == "sgd" and "eos_after_assistant" not in obj.section("data") else {}
+    data_config = _data_config(obj, max_length, template, skip_bad, **extra)
+    result = run_gradients(records, model_spec, checkpoints, out, config, projector, data_config,
+                           shard=parse_shard(shard), echo=obj.echo, progress=not obj.quiet)
+    for path in result.stores:
+        click.echo(str(path))
+    obj.echo(f"{result.rows} rows, {result.chunks_computed} chunks computed in {result.seconds:.1f}s")
+
+
+@main.command("import-less")
+@click.argument("matrix", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("jsonl", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--normalized/--raw", required=True,
+              help="LESS's all_orig.pt holds normalised features (--normalized); all_unormalized.pt raw ones (--raw).")
+@click.option("--model-name", default="unknown", help="Recorded as the model identity of the imported features.")
+def import_less_cmd(matrix, jsonl, out, normalized, model_name) -> None:
+    """Import a LESS datastore (.pt matrix + its jsonl files, same order) as a feature store."""
+    from .store import import_less
+
+    store = import_less(matrix, jsonl, out, normalized, {"model": {"path": model_name}})
+    click.echo(f"{store.path}: {store.plan.n_rows} rows x {store.dim}")

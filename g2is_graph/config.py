@@ -107,9 +107,18 @@ def build(cls: type, values: dict[str, Any] | None, section: str) -> Any:
     if unknown:
         raise ConfigError(f"[{section}] unknown setting(s): {', '.join(unknown)}; known: {', '.join(sorted(names))}")
     for key, value in list(values.items()):
-        if names[key].type in ("Path", "Path | None") and value is not None:
+        f = names[key]
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(default) and isinstance(value, dict):
+            values[key] = build(type(default), value, f"{section}.{key}")
+        elif f.type in ("Path", "Path | None") and value is not None:
             values[key] = Path(value).expanduser()
-    return cls(**values)
+        elif isinstance(default, tuple) and isinstance(value, list):
+            values[key] = tuple(value)
+    try:
+        return cls(**values)
+    except TypeError as exc:
+        raise ConfigError(f"[{section}] {exc}") from exc
 
 
 def to_jsonable(config: Any) -> Any:
@@ -132,3 +141,85 @@ def to_jsonable(config: Any) -> Any:
 
 def dump_json(config: Any) -> str:
     return json.dumps(to_jsonable(config), indent=2, sort_keys=True)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """How jsonl records become token ids and loss masks."""
+
+    max_length: int = 512
+    template: str = "model"  # "model": the tokenizer's chat template; "tulu": LESS's <|user|>/<|assistant|> form
+    eos_after_assistant: bool = True  # tulu form only: LESS adds EOS for training data, not validation data
+    skip_bad: bool = False  # skip bad records (each written to the skip report) instead of failing
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """LoRA adapter shape (the LESS warmup recipe)."""
+
+    r: int = 128
+    alpha: int = 512
+    dropout: float = 0.1
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+@dataclass(frozen=True)
+class WarmupConfig:
+    """LoRA warmup on a seeded random fraction of the pool; Adam state saved by parameter name."""
+
+    fraction: float = 0.05
+    max_examples: int | None = None  # cap after the fraction (the G2IS paper warms up on 5,000)
+    seed: int = 0
+    epochs: int = 4
+    lr: float = 2e-5
+    warmup_ratio: float = 0.03
+    batch_size: int = 1
+    grad_accumulation: int = 32
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    dtype: str = "float32"
+    device: str = "auto"
+    lora: LoraSettings = field(default_factory=LoraSettings)
+
+
+@dataclass(frozen=True)
+class ProjectorConfig:
+    """Random projection whose entries depend only on (seed, input index, output index)."""
+
+    kind: str = "rademacher"  # rademacher | gaussian | sparse
+    dim: int = 8192
+    seed: int = 0
+    sparse_nnz: int = 4  # sparse only: non-zeros per input coordinate
+    block_rows: int = 4096  # dense only: rows per generated block (part of the matrix's identity)
+
+    def validate(self) -> None:
+        if self.kind not in ("rademacher", "gaussian", "sparse"):
+            raise ConfigError(f"[projector] kind must be rademacher, gaussian or sparse, not {self.kind!r}")
+        if self.dim <= 0 or self.sparse_nnz <= 0 or self.block_rows <= 0:
+            raise ConfigError("[projector] dim, sparse_nnz and block_rows must be positive")
+
+
+@dataclass(frozen=True)
+class GradientConfig:
+    """Per-example gradient features for one split."""
+
+    kind: str = "adam"  # adam (training pool) | sgd (validation)
+    adam_form: str = "less"  # less: m'/sqrt(v'+eps), no bias correction | corrected: bias-corrected, eps outside
+    batch_size: int = 8  # examples per forward/backward
+    projection_batch: int = 64  # examples whose gradients are projected together (amortises the matrix)
+    chunk_rows: int = 256  # rows per store chunk (fixed: resume and sharding rely on it)
+    store_dtype: str = "float32"  # float32 | float16
+    dtype: str = "float32"  # model dtype; accumulation is always float32
+    device: str = "auto"
+
+    def validate(self) -> None:
+        if self.kind not in ("adam", "sgd"):
+            raise ConfigError(f"[gradients] kind must be adam or sgd, not {self.kind!r}")
+        if self.adam_form not in ("less", "corrected"):
+            raise ConfigError(f"[gradients] adam_form must be less or corrected, not {self.adam_form!r}")
+        if self.store_dtype not in ("float32", "float16"):
+            raise ConfigError(f"[gradients] store_dtype must be float32 or float16, not {self.store_dtype!r}")
+        if min(self.batch_size, self.projection_batch, self.chunk_rows) <= 0:
+            raise ConfigError("[gradients] batch_size, projection_batch and chunk_rows must be positive")

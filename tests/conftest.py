@@ -45,3 +45,39 @@ def isolated_home(tmp_path, monkeypatch) -> Path:
     monkeypatch.delenv("NEO4J_URI", raising=False)
     monkeypatch.delenv("NEO4J_PASSWORD", raising=False)
     return tmp_path / "g2is-home"
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A random tiny Llama with a byte-level tokenizer, saved as an HF folder (no downloads)."""
+    from g2is_graph.model import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+def write_pool(path: Path, n: int, seed: int = 0, prefix: str = "") -> Path:
+    """A small mixed-schema jsonl pool: arithmetic (prompt/completion), word tasks (messages), Alpaca."""
+    import json
+    import random
+
+    rng = random.Random(seed)
+    words = "alpha beta gamma delta sum add count apple tree river number seven three".split()
+    with open(path, "w") as fh:
+        for i in range(n):
+            a, b = rng.randint(1, 50), rng.randint(1, 50)
+            if i % 3 == 0:
+                obj = {"id": f"{prefix}m{i}", "dataset": "math", "prompt": f"What is {a}+{b}?", "completion": f"{a + b}"}
+            elif i % 3 == 1:
+                obj = {"id": f"{prefix}w{i}", "dataset": "words", "messages": [
+                    {"role": "user", "content": "Repeat: " + " ".join(rng.choices(words, k=3))},
+                    {"role": "assistant", "content": " ".join(rng.choices(words, k=3))}]}
+            else:
+                obj = {"id": f"{prefix}a{i}", "dataset": "alpaca", "instruction": "Name a word",
+                       "input": rng.choice(words), "output": rng.choice(words)}
+            fh.write(json.dumps(obj) + "\n")
+    return path
+
+
+@pytest.fixture()
+def pool_file(tmp_path) -> Path:
+    return write_pool(tmp_path / "pool.jsonl", 30)

@@ -1,0 +1,1 @@
+"""Ingest jobs: LoRA warmup and per-example gradient features (CPU or GPU)."""
