@@ -309,3 +309,15 @@ def collate(batch: Sequence[Encoded], pad_id: int):
         labels[i, :n] = torch.tensor(e.labels)
         attention[i, :n] = 1
     return input_ids, labels, attention
+
+
+def load_pool(paths: Iterable[str | Path], tokenizer, config: DataConfig, report_dir: Path,
+              echo=print) -> tuple[list[Record], list[Encoded]]:
+    """Read and encode jsonl files; skipped records (with skip_bad) go to report_dir/skipped.jsonl."""
+    read = read_many(paths, config.skip_bad)
+    records, encoded, skipped = encode_all(read.records, tokenizer, config)
+    skipped = read.skipped + skipped
+    if skipped:
+        write_skip_report(report_dir / "skipped.jsonl", skipped)
+        echo(f"skipped {len(skipped)} bad records (see {report_dir / 'skipped.jsonl'})")
+    return records, encoded

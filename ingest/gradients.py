@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from g2is_graph.config import ConfigError, DataConfig, GradientConfig, ProjectorConfig, to_jsonable
-from g2is_graph.data import collate, encode_all, read_many, write_skip_report
+from g2is_graph.data import collate, load_pool
 from g2is_graph.gradients import PerExampleGradients, adam_feature
 from g2is_graph.model import load_tokenizer, load_with_adapter, model_identity, pick_device
 from g2is_graph.projection import Projector
@@ -61,12 +61,7 @@ def run_gradients(paths: Sequence[str | Path], model_spec: str | Path, checkpoin
     out_dir.mkdir(parents=True, exist_ok=True)
     device = pick_device(config.device)
     tokenizer = load_tokenizer(model_spec)
-    read = read_many(paths, data_config.skip_bad)
-    records, encoded, skipped = encode_all(read.records, tokenizer, data_config)
-    skipped = read.skipped + skipped
-    if skipped:
-        write_skip_report(out_dir / "skipped.jsonl", skipped)
-        echo(f"skipped {len(skipped)} bad records (see {out_dir / 'skipped.jsonl'})")
+    records, encoded = load_pool(paths, tokenizer, data_config, out_dir, echo)
     if not records:
         raise ConfigError("no usable records in " + ", ".join(str(p) for p in paths))
     rows = [record_row(r, e) for r, e in zip(records, encoded)]

@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from g2is_graph.config import ConfigError, DataConfig, WarmupConfig, to_jsonable
-from g2is_graph.data import collate, encode_all, read_many, write_skip_report
+from g2is_graph.data import collate, load_pool
 from g2is_graph.gradients import AdamState, per_example_loss
 from g2is_graph.model import add_lora, load_base_model, load_tokenizer, lora_parameters, model_identity, pick_device
 
@@ -103,12 +103,7 @@ def run_warmup(pool: Sequence[str | Path], model_spec: str | Path, out_dir: str 
     out_dir.mkdir(parents=True, exist_ok=True)
     device = pick_device(config.device)
     tokenizer = load_tokenizer(model_spec)
-    result = read_many(pool, data_config.skip_bad)
-    records, encoded, skipped = encode_all(result.records, tokenizer, data_config)
-    skipped = result.skipped + skipped
-    if skipped:
-        write_skip_report(out_dir / "skipped.jsonl", skipped)
-        echo(f"skipped {len(skipped)} bad records (see {out_dir / 'skipped.jsonl'})")
+    records, encoded = load_pool(pool, tokenizer, data_config, out_dir, echo)
     chosen = sample_warmup_indices(len(records), config)
     manifest = {"config": to_jsonable(config), "data": to_jsonable(data_config), "pool": [str(p) for p in pool],
                 "model": model_identity(model_spec).as_dict(), "warmup_ids": [records[i].id for i in chosen],
