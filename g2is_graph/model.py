@@ -62,7 +62,7 @@ def weights_sha256(folder: Path) -> str:
     try:
         sidecar.write_text(json.dumps({"stamp": stamp, "sha256": value}))
     except OSError:
-        pass  # read-only model folder: hashing again next time is correct, only slower
+        return value  # read-only model folder: the hash is simply recomputed next time
     return value
 
 
