@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .model import pick_device
+
 
 @dataclass(frozen=True)
 class Neighbors:
@@ -35,16 +37,10 @@ class Neighbors:
             return cls(**{f: data[f] for f in cls.__dataclass_fields__})
 
 
-def _device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def exact_topk(queries: np.ndarray, base: np.ndarray, k: int, exclude: np.ndarray | None = None,
                block: int = 2048, device: str = "auto") -> Neighbors:
     """Both neighbour lists by blocked matrix products (unit-norm rows); `exclude[i]` is query i's own row."""
-    dev = _device(device)
+    dev = torch.device(pick_device(device))
     base_t = torch.from_numpy(np.ascontiguousarray(base, dtype=np.float32)).to(dev)
     k = min(k, base.shape[0] - (1 if exclude is not None else 0))
     out = [np.empty((len(queries), k), dtype=np.int64), np.empty((len(queries), k), dtype=np.float32),

@@ -94,6 +94,7 @@ class FeatureStore:
     @classmethod
     def create_or_open(cls, path: str | Path, meta: dict[str, Any], rows: Sequence[dict[str, Any]]) -> "FeatureStore":
         """Open a store for writing; an existing one must describe the same features and rows."""
+        requested = meta
         meta = {"format": FORMAT, **meta, "n_rows": len(rows), "records_sha256": records_sha256(rows)}
         store = cls(path)
         meta_path = store.path / "meta.json"
@@ -112,7 +113,7 @@ class FeatureStore:
             with os.fdopen(fd, "w") as fh:
                 fh.write(json.dumps(meta, indent=2, sort_keys=True))
         except FileExistsError:
-            return cls.create_or_open(path, {k: v for k, v in meta.items() if k not in ("n_rows",)}, rows)
+            return cls.create_or_open(path, requested, rows)
         return store
 
     # -- metadata --------------------------------------------------------------------------

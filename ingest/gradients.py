@@ -86,7 +86,7 @@ def run_gradients(paths: Sequence[str | Path], model_spec: str | Path, checkpoin
                 "data": to_jsonable(data_config) | {"skip_bad": None}}
         store = FeatureStore.create_or_open(out_dir / checkpoint.name, meta, rows)
         todo = store.missing_chunks(shard)
-        bar = tqdm(total=sum(np.subtract(*store.plan.bounds(c)[::-1]) for c in todo), unit="ex",
+        bar = tqdm(total=sum(stop - start for start, stop in map(store.plan.bounds, todo)), unit="ex",
                    desc=f"{config.kind} gradients {checkpoint.name}", disable=not progress)
         for chunk in todo:
             start, stop = store.plan.bounds(chunk)
