@@ -223,3 +223,30 @@ class GradientConfig:
             raise ConfigError(f"[gradients] store_dtype must be float32 or float16, not {self.store_dtype!r}")
         if min(self.batch_size, self.projection_batch, self.chunk_rows) <= 0:
             raise ConfigError("[gradients] batch_size, projection_batch and chunk_rows must be positive")
+
+
+@dataclass(frozen=True)
+class GraphConfig:
+    """The gradient graph: k nearest (SIMILAR) and k most negative (CONFLICT) neighbours per node."""
+
+    k: int = 16
+    exact: bool = False  # blocked matrix products instead of hnswlib (small pools, recall measurement)
+    m: int = 16  # hnswlib M
+    ef_construction: int = 200
+    ef: int = 128  # SIMILAR query
+    ef_negative: int = 512  # CONFLICT query (negated vector): nearest-neighbour graphs need a wide search
+    negative_candidates: int = 128  # CONFLICT candidates re-ranked by exact cosine
+    recall_sample: int = 512  # nodes checked against exact search on every hnswlib build
+    node_batch: int = 200  # nodes per write transaction (each carries its vector)
+    edge_batch: int = 1000  # source nodes per edge transaction (k edges each, per kind)
+    threads: int = 0  # hnswlib threads; 0: all cores
+    seed: int = 0
+    device: str = "auto"  # exact search device
+
+    def validate(self) -> None:
+        if self.k <= 0 or self.m <= 1 or min(self.ef, self.ef_negative, self.ef_construction) < self.k:
+            raise ConfigError("[graph] k must be positive and ef, ef_negative, ef_construction at least k")
+        if self.negative_candidates < self.k:
+            raise ConfigError("[graph] negative_candidates must be at least k")
+        if min(self.node_batch, self.edge_batch, self.recall_sample) <= 0:
+            raise ConfigError("[graph] node_batch, edge_batch and recall_sample must be positive")

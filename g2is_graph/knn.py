@@ -115,12 +115,17 @@ class HnswIndex:
         self.index.add_items(np.ascontiguousarray(features, dtype=np.float32),
                              np.arange(first_row, first_row + len(features)), num_threads=self._threads)
 
-    def query(self, queries: np.ndarray, base: np.ndarray, rows: np.ndarray, k: int) -> Neighbors:
-        """Neighbour lists of `queries` (whose own rows are `rows`) against everything indexed."""
-        k = min(k, self.count - 1)
+    def query(self, queries: np.ndarray, base: np.ndarray, rows: np.ndarray | None, k: int) -> Neighbors:
+        """Neighbour lists of `queries` against everything indexed (`base`, row-labelled); `rows[i]` is
+        query i's own row, excluded from its lists, or None when the queries are not in the index."""
+        if rows is None:
+            rows = np.full(len(queries), -1, dtype=np.int64)
+            k = min(k, self.count)
+        else:
+            k = min(k, self.count - 1)
         s = self.settings
         self.index.set_ef(max(s.ef, k + 1))
-        labels, _ = self.index.knn_query(queries, k=k + 1, num_threads=self._threads)
+        labels, _ = self.index.knn_query(queries, k=min(k + 1, self.count), num_threads=self._threads)
         candidates = max(k + 1, min(self.count, s.negative_candidates))
         self.index.set_ef(max(s.ef_negative, candidates))
         neg_labels, _ = self.index.knn_query(-queries, k=candidates, num_threads=self._threads)

@@ -253,12 +253,22 @@ def import_less(matrix_path: str | Path, jsonl_paths: Sequence[str | Path], out:
                  "gradient": meta.get("gradient", {"kind": "imported", "source": "LESS"}),
                  "parameters": meta.get("parameters"), "chunk_rows": chunk_rows, "store_dtype": "float32",
                  "model_dtype": meta.get("model_dtype"), "data": meta.get("data"),
-                 "imported_from": str(matrix_path), "has_raw": not normalized}
-    store = FeatureStore.create_or_open(out, full_meta, rows)
-    normalized_features = features if normalized else normalize_rows(features)
+                 "imported_from": str(matrix_path)}
+    return write_array_store(out, features, rows, full_meta, raw=not normalized)
+
+
+def write_array_store(out: str | Path, features: np.ndarray, rows: Sequence[dict[str, Any]], meta: dict[str, Any],
+                      raw: bool = True) -> FeatureStore:
+    """A store from an in-memory matrix (imports, synthetic benchmarks); `raw` says what `features` are."""
+    if features.shape[0] != len(rows):
+        raise StoreError(f"{out}: {features.shape[0]} feature rows for {len(rows)} records")
+    meta = {**meta, "has_raw": raw}
+    meta["projector"] = {**meta.get("projector", {}), "dim": int(features.shape[1])}
+    store = FeatureStore.create_or_open(out, meta, rows)
+    normalized_features = normalize_rows(features) if raw else features
     for chunk in store.missing_chunks():
         start, stop = store.plan.bounds(chunk)
-        store.write_chunk(chunk, None if normalized else features[start:stop], normalized_features[start:stop], "cpu")
+        store.write_chunk(chunk, features[start:stop] if raw else None, normalized_features[start:stop], "cpu")
     return store
 
 

@@ -70,6 +70,7 @@ class Checkpoint:
         from g2is_graph.model import weights_sha256
 
         return {"name": self.name, "epoch": self.epoch, "step": self.step,
+                "mean_lr": float(np.mean(self.epoch_lrs)) if self.epoch_lrs else 0.0,
                 "adapter_sha256": weights_sha256(self.path)}
 
 

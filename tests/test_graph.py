@@ -58,17 +58,22 @@ def test_vector_similarity_cosine_is_shifted_and_matches_numpy(graph: Graph):
     assert row["similarity"] == pytest.approx((1 + expected) / 2, abs=1e-5)
 
 
-def test_relationships_round_trip_and_merge_is_idempotent(graph: Graph):
+def test_edge_sync_is_idempotent_and_drops_displaced_edges(graph: Graph):
     vectors = np.eye(4, 16, dtype=np.float32)
     graph.write("upsert_samples", rows=sample_rows(vectors), space="test-space")
-    edges = [{"source": "s0", "target": "s1", "weight": 0.5, "rank": 0},
-             {"source": "s0", "target": "s2", "weight": 0.25, "rank": 1}]
+    rows = [{"source": "s0", "targets": ["s1", "s2"], "weights": [0.5, 0.25]}]
     for _ in range(2):
-        graph.write_rows("upsert_similar", edges, batch_size=1)
+        graph.write_rows("sync_similar", rows, batch_size=1)
     assert graph.read("similar_of", id="s0") == [{"id": "s1", "weight": 0.5, "rank": 0},
                                                 {"id": "s2", "weight": 0.25, "rank": 1}]
+    assert graph.counts()["similar"] == 2
+    graph.write_rows("sync_similar", [{"source": "s0", "targets": ["s3", "s1"], "weights": [0.7, 0.5]}], 10)
+    assert graph.read("similar_of", id="s0") == [{"id": "s3", "weight": 0.7, "rank": 0},
+                                                {"id": "s1", "weight": 0.5, "rank": 1}]
+    graph.write_rows("sync_conflict", [{"source": "s1", "targets": ["s2"], "weights": [-0.4]}], 10)
+    assert graph.read("conflict_of", id="s1") == [{"id": "s2", "weight": -0.4, "rank": 0}]
     counts = graph.counts()
-    assert counts["samples"] == 4 and counts["similar"] == 2
+    assert counts["samples"] == 4 and counts["similar"] == 2 and counts["conflict"] == 1
 
 
 def test_duplicate_sample_id_violates_constraint(graph: Graph):

@@ -1,0 +1,171 @@
+"""The graph job against the real server: exact edges, idempotent re-runs, incremental = all at once,
+interrupted writes, duplicate content, refusal of another feature space, validation nodes, recall."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from g2is_graph.config import GraphConfig
+from g2is_graph.graph import Graph, GraphError
+from g2is_graph.knn import exact_topk
+from g2is_graph.store import StoreError
+from g2is_graph.synthetic import clustered_vectors, synthetic_rows, synthetic_store
+from ingest.graph_build import build_graph
+
+EXACT = GraphConfig(k=5, exact=True, device="cpu", node_batch=7, edge_batch=9)
+
+
+def edge_set(graph: Graph) -> set[tuple]:
+    rows = graph._run_auto("MATCH (a:Sample)-[e]->(b:Sample) RETURN type(e) AS kind, a.id AS a, b.id AS b, "
+                           "e.weight AS w, e.rank AS rank")
+    return {(r["kind"], r["a"], r["b"], round(r["w"], 5), r["rank"]) for r in rows}
+
+
+def node_set(graph: Graph) -> set[tuple]:
+    rows = graph._run_auto("MATCH (s:Sample) RETURN s.id AS id, s.content_hash AS h, s.space AS space, "
+                           "s.gradient[0] AS g0, s.source_file AS f, s.line AS line, s.row AS row")
+    return {tuple(r.values()) for r in rows}
+
+
+@pytest.fixture()
+def pool(tmp_path):
+    vectors = clustered_vectors(60, 32, clusters=6, seed=3)
+    return vectors, synthetic_store(tmp_path / "all" / "ckpt", vectors, synthetic_rows(60))
+
+
+def test_exact_build_writes_nodes_and_the_exact_edges(graph, pool, tmp_path):
+    vectors, store = pool
+    result = build_graph(graph, [store.path], EXACT, tmp_path / "state", progress=False, echo=lambda m: None)
+    assert result.n_nodes == 60 and result.n_new == 60 and not result.up_to_date
+    counts = graph.counts()
+    assert counts["samples"] == 60 and counts["similar"] == 60 * 5 and counts["conflict"] == 60 * 5
+    exact = exact_topk(vectors, vectors, 5, exclude=np.arange(60), device="cpu")
+    for i in (0, 17, 59):
+        similar = graph.read("similar_of", id=f"s{i}")
+        assert [r["id"] for r in similar] == [f"s{j}" for j in exact.similar_index[i]]
+        np.testing.assert_allclose([r["weight"] for r in similar], exact.similar_weight[i], atol=1e-6)
+        conflict = graph.read("conflict_of", id=f"s{i}")
+        assert [r["id"] for r in conflict] == [f"s{j}" for j in exact.conflict_index[i]]
+        assert all(r["weight"] < 0 for r in conflict)
+    stored = np.asarray(graph.read("sample_vectors", ids=["s7"])[0]["gradient"], dtype=np.float32)
+    np.testing.assert_array_equal(stored, vectors[7])
+    space = graph.read("feature_space")[0]
+    assert space["id"] == result.space_id and space["status"] == "complete" and space["n_samples"] == 60
+
+
+def test_rerun_is_a_no_op_and_a_reset_database_is_rewritten(graph, pool, tmp_path):
+    _, store = pool
+    build_graph(graph, [store.path], EXACT, tmp_path / "state", progress=False)
+    before = (node_set(graph), edge_set(graph))
+    again = build_graph(graph, [store.path], EXACT, tmp_path / "state", progress=False)
+    assert again.up_to_date and (node_set(graph), edge_set(graph)) == before
+    graph.clear()
+    rebuilt = build_graph(graph, [store.path], EXACT, tmp_path / "state", progress=False)
+    assert not rebuilt.up_to_date and (node_set(graph), edge_set(graph)) == before
+
+
+def test_ingesting_a_then_b_equals_a_plus_b_in_exact_mode(graph, tmp_path):
+    vectors = clustered_vectors(80, 32, clusters=8, seed=5)
+    rows = synthetic_rows(80)
+    whole = synthetic_store(tmp_path / "whole" / "ckpt", vectors, rows)
+    build_graph(graph, [whole.path], EXACT, tmp_path / "state-whole", progress=False)
+    expected = (node_set(graph), edge_set(graph))
+    graph.clear()
+    parts = [(0, 50), (50, 79), (79, 80)]
+    results = [build_graph(graph, [synthetic_store(tmp_path / f"part{a}" / "ckpt", vectors[a:b], rows[a:b]).path],
+                           EXACT, tmp_path / "state-parts", progress=False) for a, b in parts]
+    assert [r.n_new for r in results] == [50, 29, 1]
+    assert results[2].n_changed < 80  # a single newcomer rewrites only the lists it entered, and its own
+    assert (node_set(graph), edge_set(graph)) == expected
+
+
+def test_duplicate_content_is_skipped_and_a_reused_id_is_refused(graph, pool, tmp_path):
+    vectors, store = pool
+    build_graph(graph, [store.path], EXACT, tmp_path / "state", progress=False)
+    rows = synthetic_rows(60)[:10] + synthetic_rows(5, prefix="new")
+    again = synthetic_store(tmp_path / "again" / "ckpt", np.concatenate([vectors[:10], vectors[:5] * -1]), rows)
+    result = build_graph(graph, [again.path], EXACT, tmp_path / "state", progress=False, echo=lambda m: None)
+    assert result.n_duplicates == 10 and result.n_new == 5 and graph.counts()["samples"] == 65
+    clash = synthetic_rows(1, prefix="s")
+    clash[0]["content_hash"] = "something else"
+    bad = synthetic_store(tmp_path / "clash" / "ckpt", vectors[:1], clash)
+    with pytest.raises(StoreError, match="s0.*already in the graph"):
+        build_graph(graph, [bad.path], EXACT, tmp_path / "state", progress=False)
+    assert graph.counts()["samples"] == 65
+
+
+def test_features_from_another_projector_are_refused(graph, pool, tmp_path):
+    vectors, store = pool
+    build_graph(graph, [store.path], EXACT, tmp_path / "state", progress=False)
+    other = synthetic_store(tmp_path / "other" / "ckpt", vectors, synthetic_rows(60, prefix="o"), projector_seed=1)
+    with pytest.raises(GraphError, match="feature space"):
+        build_graph(graph, [other.path], EXACT, tmp_path / "state-other", progress=False)
+    with pytest.raises(StoreError, match="feature space"):
+        build_graph(graph, [other.path], EXACT, tmp_path / "state", progress=False)
+    assert graph.counts()["samples"] == 60
+
+
+def test_interrupted_write_resumes_to_the_uninterrupted_graph(graph, pool, tmp_path, monkeypatch):
+    _, store = pool
+    build_graph(graph, [store.path], EXACT, tmp_path / "state-ref", progress=False)
+    expected = (node_set(graph), edge_set(graph))
+    graph.clear()
+    original = Graph.write_rows
+    calls = {"n": 0}
+
+    def failing(self, name, rows, batch_size, progress=None, **params):
+        if name == "sync_similar":
+            calls["n"] += 1
+            if calls["n"] == 1:
+                rows = list(rows)[: batch_size * 2]
+                original(self, name, rows, batch_size, progress, **params)
+                raise GraphError("simulated crash mid-write")
+        return original(self, name, rows, batch_size, progress, **params)
+
+    monkeypatch.setattr(Graph, "write_rows", failing)
+    with pytest.raises(GraphError, match="simulated"):
+        build_graph(graph, [store.path], EXACT, tmp_path / "state", progress=False)
+    assert graph.read("feature_space")[0]["status"] == "writing"
+    result = build_graph(graph, [store.path], EXACT, tmp_path / "state", progress=False)
+    assert not result.up_to_date
+    assert (node_set(graph), edge_set(graph)) == expected
+    assert graph.read("feature_space")[0]["status"] == "complete"
+
+
+def test_hnsw_build_reports_recall_and_extends_its_index(graph, tmp_path):
+    vectors = clustered_vectors(700, 64, clusters=20, seed=1)
+    rows = synthetic_rows(700)
+    config = GraphConfig(k=8, recall_sample=200, device="cpu")
+    first = synthetic_store(tmp_path / "a" / "ckpt", vectors[:500], rows[:500])
+    result = build_graph(graph, [first.path], config, tmp_path / "state", progress=False)
+    assert result.recall["similar"] >= 0.95 and result.recall["conflict"] >= 0.90
+    assert (tmp_path / "state" / "index.bin").exists()
+    second = synthetic_store(tmp_path / "b" / "ckpt", vectors[500:], rows[500:])
+    result = build_graph(graph, [second.path], config, tmp_path / "state", progress=False)
+    assert result.n_nodes == 700 and result.recall["similar"] >= 0.95 and result.recall["conflict"] >= 0.90
+    counts = graph.counts()
+    assert counts["samples"] == 700 and counts["similar"] == 700 * 8 and counts["conflict"] == 700 * 8
+
+
+def test_checkpoints_combine_into_the_weighted_cosine_and_validation_nodes_are_written(graph, tmp_path):
+    a, b = clustered_vectors(30, 16, clusters=3, seed=1), clustered_vectors(30, 16, clusters=3, seed=2)
+    rows = synthetic_rows(30)
+    s1 = synthetic_store(tmp_path / "train" / "c1", a, rows, checkpoint="c1", mean_lr=3e-5)
+    s2 = synthetic_store(tmp_path / "train" / "c2", b, rows, checkpoint="c2", mean_lr=1e-5)
+    val_rows = synthetic_rows(4, prefix="v", task="gsm8k")
+    v1 = synthetic_store(tmp_path / "val" / "c1", a[:4], val_rows, kind="sgd", checkpoint="c1", mean_lr=3e-5)
+    v2 = synthetic_store(tmp_path / "val" / "c2", b[:4], val_rows, kind="sgd", checkpoint="c2", mean_lr=1e-5)
+    config = GraphConfig(k=29, exact=True, device="cpu")
+    result = build_graph(graph, [s1.path, s2.path], config, tmp_path / "state", validation_stores=[v1.path, v2.path],
+                         progress=False)
+    assert result.n_validation == 4
+    weighted = 0.75 * (a @ a.T) + 0.25 * (b @ b.T)
+    similar = {r["id"]: r["weight"] for r in graph.read("similar_of", id="s0")}
+    for j in (1, 5, 29):
+        assert similar[f"s{j}"] == pytest.approx(weighted[0, j], abs=1e-5)
+    val = graph.read("validation_vectors", space=result.space_id, tasks=None)
+    assert [v["task"] for v in val] == ["gsm8k"] * 4 and len(val[0]["gradient"]) == 32
+    with pytest.raises(StoreError, match="sgd"):
+        build_graph(graph, [s1.path, s2.path], config, tmp_path / "state", validation_stores=[s1.path, s2.path],
+                    progress=False)
