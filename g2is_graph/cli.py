@@ -272,6 +272,71 @@ def gradients(obj: Context, records, model_spec, checkpoints, out, projector_kin
     obj.echo(f"{result.rows} rows, {result.chunks_computed} chunks computed in {result.seconds:.1f}s")
 
 
+graph_options = [
+    click.option("--state", "state_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+                 help="Graph state directory (hnswlib index, neighbour lists); default: <features>/graph."),
+    click.option("--k", type=int, default=None, help="SIMILAR and CONFLICT edges per node (default 16)."),
+    click.option("--exact/--hnsw", default=None, help="Exact blocked search instead of hnswlib."),
+    click.option("--ef", type=int, default=None),
+    click.option("--ef-negative", type=int, default=None),
+    click.option("--m", type=int, default=None, help="hnswlib M."),
+    click.option("--validation", "validation_stores", multiple=True,
+                 type=click.Path(exists=True, file_okay=False, path_type=Path),
+                 help="Validation feature store, one per checkpoint (repeatable)."),
+]
+
+
+@main.group("graph")
+def graph_group() -> None:
+    """The gradient graph in Neo4j: :Sample nodes with vectors, SIMILAR and CONFLICT edges."""
+
+
+@graph_group.command("build")
+@click.argument("stores", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@with_options(graph_options)
+@click.pass_obj
+def graph_build(obj: Context, stores, state_dir, validation_stores, **flags) -> None:
+    """Add the training feature STORES (one per checkpoint) to the graph; re-running is a no-op."""
+    from ingest.graph_build import build_graph
+
+    config = obj.build(cfg.GraphConfig, "graph", **flags)
+    with obj.graph() as graph:
+        result = build_graph(graph, stores, config, state_dir, validation_stores, echo=obj.echo,
+                             progress=not obj.quiet)
+    click.echo(result.summary())
+
+
+@main.command()
+@click.argument("records", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--model", "model_spec", required=True, help="The model the graph's features came from.")
+@click.option("--checkpoint", "checkpoints", multiple=True, required=True,
+              type=click.Path(exists=True, file_okay=False, path_type=Path), help="The graph's checkpoints, in order.")
+@click.option("--features", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Directory for the new records' feature stores.")
+@click.option("--projector", "projector_kind", type=click.Choice(["rademacher", "gaussian", "sparse"]), default=None)
+@click.option("--dim", type=int, default=None)
+@click.option("--projector-seed", type=int, default=None)
+@with_options(graph_options + data_options)
+@click.pass_obj
+def ingest(obj: Context, records, model_spec, checkpoints, features, projector_kind, dim, projector_seed, state_dir,
+           validation_stores, max_length, template, skip_bad, **flags) -> None:
+    """Add new RECORDS to an existing graph: featurise only unseen content, then extend the graph."""
+    from ingest.gradients import run_gradients
+    from ingest.graph_build import build_graph, graph_content_hashes
+
+    if state_dir is None:
+        raise cfg.ConfigError("--state is required: the graph state directory the records are added to")
+    config = obj.build(cfg.GraphConfig, "graph", **flags)
+    job = run_gradients(records, model_spec, checkpoints, features, obj.build(cfg.GradientConfig, "gradients"),
+                        obj.build(cfg.ProjectorConfig, "projector", kind=projector_kind, dim=dim, seed=projector_seed),
+                        _data_config(obj, max_length, template, skip_bad), echo=obj.echo, progress=not obj.quiet,
+                        skip_content=graph_content_hashes(state_dir))
+    with obj.graph() as graph:
+        result = build_graph(graph, job.stores, config, state_dir, validation_stores, echo=obj.echo,
+                             progress=not obj.quiet)
+    click.echo(result.summary())
+
+
 @main.command("import-less")
 @click.argument("matrix", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.argument("jsonl", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))

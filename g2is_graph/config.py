@@ -250,3 +250,41 @@ class GraphConfig:
             raise ConfigError("[graph] negative_candidates must be at least k")
         if min(self.node_batch, self.edge_batch, self.recall_sample) <= 0:
             raise ConfigError("[graph] node_batch, edge_batch and recall_sample must be positive")
+
+
+@dataclass(frozen=True)
+class SelectionConfig:
+    """One selection run. Defaults follow the G2IS paper; docs/selection.md maps each option to its source."""
+
+    method: str = "g2is"  # g2is | less | embedding | random | no-graph | no-gradient
+    ratio: float = 0.01  # fraction of the pool to select
+    n_select: int | None = None  # absolute size, overrides ratio
+    tau: float = 0.5  # keep the fewest components whose cumulative explained-variance ratio exceeds tau
+    delta: float = 0.8  # consistency threshold
+    centered: bool = True  # PCA centring (scikit-learn default, the official code)
+    orient: bool = True  # flip components so the validation features project non-negatively on them
+    candidates: str = "neighbors"  # neighbors: SIMILAR edges of the last node | all: every unselected node
+    conflict_scope: str = "all"  # all: every selected node (paper eq. 5) | component: this component's set
+    fallback: str = "paper"  # paper: unconstrained argmax cos(z, K) | official: constrained, may under-fill
+    reassign_shortfall: bool = False  # official fallback: hand a component's shortfall to the next ones
+    tasks: tuple[str, ...] = ()  # validation tasks to target; empty: all in the graph
+    multi_task: str = "pooled"  # pooled: one PCA over all tasks | per-task: components per task, budget split
+    seed: int = 0  # random baseline
+    page: int = 256  # candidates fetched per query when candidates = all
+    rerank: int = 16  # anchor/fallback: top entries by Neo4j's score re-ranked by exact cosine
+
+    def validate(self) -> None:
+        choices = {"method": ("g2is", "less", "embedding", "random", "no-graph", "no-gradient"),
+                   "candidates": ("neighbors", "all"), "conflict_scope": ("all", "component"),
+                   "fallback": ("paper", "official"), "multi_task": ("pooled", "per-task")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"[select] {name} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}")
+        if not 0 < self.ratio <= 1:
+            raise ConfigError("[select] ratio must be in (0, 1]")
+        if self.n_select is not None and self.n_select <= 0:
+            raise ConfigError("[select] n_select must be positive")
+        if not 0 < self.tau <= 1 or not 0 <= self.delta <= 1:
+            raise ConfigError("[select] tau must be in (0, 1] and delta in [0, 1]")
+        if self.page <= 0 or self.rerank <= 0:
+            raise ConfigError("[select] page and rerank must be positive")

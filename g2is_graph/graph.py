@@ -87,7 +87,8 @@ class Graph:
         self.uri = uri
         self.database = database
         self._driver = GraphDatabase.driver(uri, auth=auth, max_transaction_retry_time=MAX_RETRY_TIME_S,
-                                            connection_acquisition_timeout=MAX_RETRY_TIME_S)
+                                            connection_acquisition_timeout=MAX_RETRY_TIME_S,
+                                            notifications_min_severity="OFF")
         self._schema_ready = False
 
     @classmethod

@@ -51,7 +51,9 @@ def parse_shard(text: str | None) -> tuple[int, int]:
 def run_gradients(paths: Sequence[str | Path], model_spec: str | Path, checkpoints: Sequence[str | Path],
                   out_dir: str | Path, config: GradientConfig, projector_config: ProjectorConfig,
                   data_config: DataConfig, shard: tuple[int, int] = (0, 1), echo=print,
-                  progress: bool = True) -> GradientJobResult:
+                  progress: bool = True, skip_content: frozenset[str] = frozenset()) -> GradientJobResult:
+    """Features of every record of `paths` (except those whose content hash is in `skip_content`,
+    already in a graph) for each checkpoint, into out_dir/<checkpoint name>."""
     config.validate()
     projector_config.validate()
     if not checkpoints:
@@ -62,6 +64,10 @@ def run_gradients(paths: Sequence[str | Path], model_spec: str | Path, checkpoin
     device = pick_device(config.device)
     tokenizer = load_tokenizer(model_spec)
     records, encoded = load_pool(paths, tokenizer, data_config, out_dir, echo)
+    if skip_content:
+        kept = [i for i, r in enumerate(records) if r.content_hash not in skip_content]
+        echo(f"{len(records) - len(kept)} of {len(records)} records are already in the graph; featurising {len(kept)}")
+        records, encoded = [records[i] for i in kept], [encoded[i] for i in kept]
     if not records:
         raise ConfigError("no usable records in " + ", ".join(str(p) for p in paths))
     rows = [record_row(r, e) for r, e in zip(records, encoded)]

@@ -183,9 +183,13 @@ def _node_rows(state: GraphState, vectors: np.ndarray, rows: Sequence[int]) -> l
             for r in rows]
 
 
-def _edge_rows(ids: Sequence[str], index: np.ndarray, weight: np.ndarray, rows: Sequence[int]):
+def _edge_rows(ids: Sequence[str], index: np.ndarray, weight: np.ndarray, rows: Sequence[int],
+               negative_only: bool = False):
+    """Sync rows; CONFLICT keeps only truly negative cosines (a tiny or one-cluster graph has fewer than k)."""
     for r in rows:
-        yield {"source": ids[r], "targets": [ids[j] for j in index[r]], "weights": [float(w) for w in weight[r]]}
+        keep = weight[r] < 0 if negative_only else np.ones(len(weight[r]), dtype=bool)
+        yield {"source": ids[r], "targets": [ids[j] for j in index[r][keep]],
+               "weights": [float(w) for w in weight[r][keep]]}
 
 
 def _timed_write(graph: Graph, name: str, rows, total: int, batch: int, unit: str, progress: bool,
@@ -205,6 +209,12 @@ def check_graph_space(graph: Graph, space: FeatureSpace) -> dict[str, Any] | Non
                          "another model, checkpoint or projector cannot share a graph; use another database "
                          "or `g2is db reset`")
     return found[0] if found else None
+
+
+def graph_content_hashes(state_dir: str | Path) -> frozenset[str]:
+    """Content already in a graph (for featurising only unseen records); empty for a new graph."""
+    path = Path(state_dir) / "state.json"
+    return frozenset(json.loads(path.read_text())["content_hashes"]) if path.exists() else frozenset()
 
 
 def build_graph(graph: Graph, train_stores: Sequence[str | Path], config: GraphConfig,
@@ -242,7 +252,6 @@ def _add_segment(state: GraphState, stores, segment_key: list[str], config: Grap
                  timings: dict[str, float], echo) -> tuple[int, int]:
     rows = stores[0].rows()
     seen = set(state.data["content_hashes"])
-    id_of_hash = dict(zip(state.data["content_hashes"], state.data["ids"]))
     known_ids = set(state.data["ids"])
     taken, duplicates = [], 0
     for i, row in enumerate(rows):
@@ -251,8 +260,7 @@ def _add_segment(state: GraphState, stores, segment_key: list[str], config: Grap
             continue
         if row["id"] in known_ids:
             raise StoreError(f"{row['source_file']}:{row['line']}: id {row['id']!r} is already in the graph with "
-                             f"different content (the graph's is {id_of_hash.get(row['id'], 'another record')}); "
-                             "give the new record another id")
+                             "different content; give the new record another id")
         seen.add(row["content_hash"])
         known_ids.add(row["id"])
         taken.append(i)
@@ -310,7 +318,7 @@ def _write(graph: Graph, state: GraphState, space: FeatureSpace, recorded: dict[
     k = lists.similar_index.shape[1]
     t_sim = _timed_write(graph, "sync_similar", _edge_rows(ids, lists.similar_index, lists.similar_weight, edges),
                          len(edges), config.edge_batch, "node", progress)
-    t_con = _timed_write(graph, "sync_conflict", _edge_rows(ids, lists.conflict_index, lists.conflict_weight, edges),
+    t_con = _timed_write(graph, "sync_conflict", _edge_rows(ids, lists.conflict_index, lists.conflict_weight, edges, True),
                          len(edges), config.edge_batch, "node", progress)
     graph.write("merge_feature_space", props=space.node_properties() | {
         "build": state.data["build"], "n_samples": state.n, "k": k, "exact": config.exact,
@@ -322,7 +330,8 @@ def _write(graph: Graph, state: GraphState, space: FeatureSpace, recorded: dict[
     if nodes and t_nodes > 0:
         result.write_rates["nodes"] = len(nodes) / t_nodes
     if edges and (t_sim + t_con) > 0:
-        result.write_rates["relationships"] = 2 * k * len(edges) / (t_sim + t_con)
+        n_conflict = int((lists.conflict_weight[edges] < 0).sum())
+        result.write_rates["relationships"] = (k * len(edges) + n_conflict) / (t_sim + t_con)
 
 
 def write_validation(graph: Graph, space: FeatureSpace, validation_stores: Sequence[str | Path],

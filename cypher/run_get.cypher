@@ -1,0 +1,2 @@
+MATCH (r:SelectionRun {id: $id})
+RETURN properties(r) AS run

@@ -1,0 +1,3 @@
+MATCH (z:Sample {space: $space})
+RETURN z.id AS id
+ORDER BY z.row

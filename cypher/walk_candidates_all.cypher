@@ -1,0 +1,8 @@
+// One page of a walk step over every unselected node (the paper's candidate set), by cos(z, s).
+MATCH (z:Sample {space: $space})
+WHERE NOT z.id IN $excluded
+WITH z, vector.similarity.cosine(z.gradient, $vector) AS score
+ORDER BY score DESC, z.row ASC
+SKIP $skip LIMIT $limit
+RETURN z.id AS id, z.row AS row, score AS weight, z.gradient AS gradient,
+       head([(z)-[c:CONFLICT]-(x:Sample) WHERE x.id IN $scope | [x.id, c.weight]]) AS conflict
