@@ -337,6 +337,79 @@ def ingest(obj: Context, records, model_spec, checkpoints, features, projector_k
     click.echo(result.summary())
 
 
+# -- selection -----------------------------------------------------------------------------
+@main.command("select")
+@click.option("--method", type=click.Choice(["g2is", "less", "embedding", "random", "no-graph", "no-gradient"]),
+              default=None, help="g2is (default), a baseline, or an ablation.")
+@click.option("--ratio", type=float, default=None, help="Fraction of the pool (default 0.01).")
+@click.option("--n", "n_select", type=int, default=None, help="Absolute number of samples (overrides --ratio).")
+@click.option("--tau", type=float, default=None, help="Cumulative explained-variance threshold (default 0.5).")
+@click.option("--delta", type=float, default=None, help="Consistency threshold (default 0.8).")
+@click.option("--centered/--uncentered", default=None, help="PCA centring (default centred, as the official code).")
+@click.option("--orient/--no-orient", default=None, help="Orient component signs towards the validation set.")
+@click.option("--candidates", type=click.Choice(["neighbors", "all"]), default=None)
+@click.option("--conflict-scope", type=click.Choice(["all", "component"]), default=None)
+@click.option("--fallback", type=click.Choice(["paper", "official"]), default=None)
+@click.option("--reassign-shortfall", is_flag=True, default=None)
+@click.option("--task", "tasks", multiple=True, help="Validation task to target (repeatable; default all).")
+@click.option("--multi-task", type=click.Choice(["pooled", "per-task"]), default=None)
+@click.option("--seed", type=int, default=None)
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("runs"), show_default=True,
+              help="Outputs go to OUT/<run id>/ (selected.jsonl, ids.txt, manifest.json).")
+@click.pass_obj
+def select_cmd(obj: Context, out, tasks, **flags) -> None:
+    """Select samples and record the run (every pick and its reason) in Neo4j."""
+    from .selection import select
+
+    config = obj.build(cfg.SelectionConfig, "select", tasks=tasks or None, **flags)
+    with obj.graph() as graph:
+        if config.method in ("embedding", "no-gradient"):
+            from .embedding import select_by_embedding
+
+            result = select_by_embedding(graph, config, out, echo=obj.echo, progress=not obj.quiet)
+        else:
+            result = select(graph, config, out, echo=obj.echo, progress=not obj.quiet)
+    click.echo(result.summary())
+    click.echo(str(result.out_dir))
+
+
+@main.command("explain")
+@click.option("--run", "run_id", required=True)
+@click.option("--sample", "sample_id", required=True)
+@click.option("--json", "as_json", is_flag=True, help="The full explanation as JSON.")
+@click.pass_obj
+def explain_cmd(obj: Context, run_id, sample_id, as_json) -> None:
+    """Why SAMPLE was (or was not) selected in RUN."""
+    from .explain import explain
+
+    with obj.graph() as graph:
+        answer = explain(graph, run_id, sample_id)
+    click.echo(json.dumps(answer, indent=2, default=str) if as_json else answer["text"])
+
+
+@main.group("runs", invoke_without_command=True)
+@click.pass_context
+def runs_group(ctx: click.Context) -> None:
+    """List selection runs (newest first); `runs compare A B ...` for overlap and per-source counts."""
+    if ctx.invoked_subcommand is None:
+        from .explain import list_runs
+
+        with ctx.obj.graph() as graph:
+            for run in list_runs(graph):
+                click.echo(f"{run['id']}\t{run['method']}\t{run['status']}\t{run['selected']}/{run['requested']}"
+                           f"\t{run['started']}")
+
+
+@runs_group.command("compare")
+@click.argument("run_ids", nargs=-1, required=True)
+@click.pass_obj
+def runs_compare(obj: Context, run_ids) -> None:
+    from .explain import compare_runs
+
+    with obj.graph() as graph:
+        click.echo(json.dumps(compare_runs(graph, list(run_ids)), indent=2))
+
+
 @main.command("import-less")
 @click.argument("matrix", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.argument("jsonl", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))

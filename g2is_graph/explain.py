@@ -1,0 +1,128 @@
+"""Why a sample was or was not selected in a run, from what the run recorded in Neo4j.
+
+Selected: its rank, component, how it was reached (anchor / walk / fallback / score), the path of
+walk edges back to its component's anchor, and the numbers that admitted it. Not selected: the
+candidate checks it failed (conflict with which selected sample at what cosine, or consistency at
+which step), or, if the walk never examined it, its cosine to each component next to the weakest
+anchor's, and whether a selected node lists it as a SIMILAR neighbour.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from typing import Any
+
+from .graph import Graph, GraphError
+
+
+def _run(graph: Graph, run_id: str) -> dict[str, Any]:
+    found = graph.read("run_get", id=run_id)
+    if not found:
+        raise GraphError(f"no selection run {run_id!r}; `g2is runs` lists them")
+    return found[0]["run"]
+
+
+def explain(graph: Graph, run_id: str, sample_id: str) -> dict[str, Any]:
+    run = _run(graph, run_id)
+    info = graph.read("sample_info", id=sample_id)
+    if not info:
+        raise GraphError(f"no sample {sample_id!r} in the graph")
+    sample = info[0]
+    picks = [p["pick"] for p in graph.read("run_picks", id=run_id)]
+    by_id = {p["id"]: p for p in picks}
+    out: dict[str, Any] = {"run": run_id, "method": run["method"], "status": run["status"], "sample": sample_id,
+                           "source": f"{sample['source_file']}:{sample['line']}", "preview": sample["preview"]}
+    if sample_id in by_id:
+        pick = by_id[sample_id]
+        path = [pick]
+        while path[-1].get("from_id") in by_id and path[-1]["how"] == "walk":
+            path.append(by_id[path[-1]["from_id"]])
+        out.update(selected=True, pick=pick, path=[p["id"] for p in path])
+        out["text"] = _selected_words(pick, path)
+        return out
+    out["selected"] = False
+    rejections = [r for r in json.loads(run.get("rejections") or "[]") if r[2] == sample_id]
+    out["rejections"] = [{"component": r[0], "step": r[1], "reason": r[3], "other": r[4], "value": r[5]}
+                         for r in rejections]
+    components = json.loads(run.get("components") or "[]")
+    if rejections:
+        out["text"] = "Not selected. " + " ".join(_rejection_words(r) for r in out["rejections"][:5])
+        if len(rejections) > 5:
+            out["text"] += f" ({len(rejections)} rejections in all.)"
+        return out
+    reached_from = graph.read("similar_into", run=run_id, id=sample_id)
+    out["listed_by_selected"] = reached_from
+    if run["method"] != "g2is":
+        out["text"] = (f"Not selected: the {run['method']} method ranked it outside the top "
+                       f"{run.get('n_selected')} (lowest selected score "
+                       f"{min((p.get('cos_k') or 0) for p in picks):.4f}).") if picks else "Not selected."
+        return out
+    text = "Not selected and never examined by the walk: "
+    if reached_from:
+        text += (f"selected node {reached_from[0]['id']} lists it as a SIMILAR neighbour (cos "
+                 f"{reached_from[0]['weight']:.4f}) but the walk left that node before reaching it "
+                 "(an earlier candidate was admitted, or the budget was filled).")
+    else:
+        text += "no selected node lists it among its SIMILAR neighbours, so no walk step could reach it."
+    anchors = [p for p in picks if p["how"] in ("anchor", "fallback")]
+    if anchors:
+        weakest = min(p["cos_k"] for p in anchors)
+        text += f" The weakest anchor or fallback had cos(z, K) = {weakest:.4f}."
+    out["text"] = text
+    out["components"] = components
+    return out
+
+
+def _selected_words(pick: dict[str, Any], path: list[dict[str, Any]]) -> str:
+    how = pick["how"]
+    head = f"Selected at rank {pick['rank']} for component {pick['component']} (step {pick['step']}) "
+    if how == "anchor":
+        return head + f"as the component's anchor: the unselected sample most aligned with it (cos(z, K) = {pick['cos_k']:.4f})."
+    if how == "fallback":
+        return head + (f"by the fallback: no SIMILAR neighbour of {pick['from_id']} passed both constraints, so the "
+                       f"unselected sample most aligned with the component was taken (cos(z, K) = {pick['cos_k']:.4f}).")
+    if how == "walk":
+        min_cos = pick.get("min_cos_selected")
+        return head + (f"by the walk from {pick['from_id']} along a SIMILAR edge (cos {pick['edge_cos']:.4f}); "
+                       f"it conflicted with no selected sample (min cos {min_cos if min_cos is None else round(min_cos, 4)}) "
+                       f"and kept the set aligned with the component (consistency ratio {pick['consistency']:.3f}). "
+                       f"Walk path back to the anchor: {' <- '.join(p['id'] for p in path)}.")
+    if how == "random":
+        return head + "by seeded random sampling."
+    return head + f"by score {pick.get('cos_k', 0):.4f} (top of the {how} ranking)."
+
+
+def _rejection_words(r: dict[str, Any]) -> str:
+    if r["reason"] == "conflict":
+        return (f"At step {r['step']} of component {r['component']} it was a candidate but conflicted with selected "
+                f"sample {r['other']} (cos {r['value']:.4f} < 0).")
+    return (f"At step {r['step']} of component {r['component']} it would have weakened the set's alignment with the "
+            f"component to a ratio of {r['value']:.3f} (< delta).")
+
+
+def list_runs(graph: Graph) -> list[dict[str, Any]]:
+    return graph.read("runs_list")
+
+
+def compare_runs(graph: Graph, run_ids: list[str]) -> dict[str, Any]:
+    """Pairwise overlap (Jaccard and count) and per-source counts of several runs."""
+    picks = {}
+    sources = {}
+    for run_id in run_ids:
+        _run(graph, run_id)
+        rows = graph.read("run_picks", id=run_id)
+        picks[run_id] = {r["pick"]["id"] for r in rows}
+        sources[run_id] = dict(Counter(r["dataset"] or r["source_file"] for r in rows))
+    overlap = {}
+    for i, a in enumerate(run_ids):
+        for b in run_ids[i + 1:]:
+            common = len(picks[a] & picks[b])
+            union = len(picks[a] | picks[b])
+            overlap[f"{a} vs {b}"] = {"common": common, "jaccard": common / union if union else 1.0}
+    return {"sizes": {r: len(p) for r, p in picks.items()}, "overlap": overlap, "per_source": sources}
+
+
+def overlap_fraction(a: list[str], b: list[str]) -> float:
+    return len(set(a) & set(b)) / max(len(a), 1)
+
