@@ -5,4 +5,4 @@ WITH z, vector.similarity.cosine(z.gradient, $vector) AS score
 ORDER BY score DESC, z.row ASC
 SKIP $skip LIMIT $limit
 RETURN z.id AS id, z.row AS row, score AS weight, z.gradient AS gradient,
-       head([(z)-[c:CONFLICT]-(x:Sample) WHERE x.id IN $scope | [x.id, c.weight]]) AS conflict
+       [(z)-[c:CONFLICT]-(x:Sample) | [x.id, c.weight]] AS conflicts

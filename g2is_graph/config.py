@@ -207,7 +207,8 @@ class GradientConfig:
 
     kind: str = "adam"  # adam (training pool) | sgd (validation)
     adam_form: str = "less"  # less: m'/sqrt(v'+eps), no bias correction | corrected: bias-corrected, eps outside
-    batch_size: int = 8  # examples per forward/backward
+    batch_size: int = 0  # examples per forward/backward; 0: 8 on CUDA, 2 on CPU (bench/featurize.py: larger CPU
+    # batches were slower than batch size 1 on a 2-core machine, the activations no longer fitting in cache)
     projection_batch: int = 64  # examples whose gradients are projected together (amortises the matrix)
     chunk_rows: int = 256  # rows per store chunk (fixed: resume and sharding rely on it)
     store_dtype: str = "float32"  # float32 | float16
@@ -221,8 +222,11 @@ class GradientConfig:
             raise ConfigError(f"[gradients] adam_form must be less or corrected, not {self.adam_form!r}")
         if self.store_dtype not in ("float32", "float16"):
             raise ConfigError(f"[gradients] store_dtype must be float32 or float16, not {self.store_dtype!r}")
-        if min(self.batch_size, self.projection_batch, self.chunk_rows) <= 0:
-            raise ConfigError("[gradients] batch_size, projection_batch and chunk_rows must be positive")
+        if self.batch_size < 0 or min(self.projection_batch, self.chunk_rows) <= 0:
+            raise ConfigError("[gradients] batch_size must be >= 0 (0: by device); projection_batch and chunk_rows positive")
+
+    def batch_for(self, device: str) -> int:
+        return self.batch_size or (8 if device.startswith("cuda") else 2)
 
 
 @dataclass(frozen=True)

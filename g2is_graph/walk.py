@@ -305,14 +305,15 @@ class GraphWalk:
     def _step(self, ci, members, last, selected: Selected, component_sum, k, result: WalkResult):
         config = self.config
         scope, positions = selected.scope(None if config.conflict_scope == "all" else ci)
-        scope_ids = selected.ids if config.conflict_scope == "all" else [selected.ids[p] for p in positions]
+        scope_ids = selected.id_set if config.conflict_scope == "all" else {selected.ids[p] for p in positions}
         skip = 0
         while True:
             if config.candidates == "neighbors":
-                records = self._read("walk_candidates", last=last["id"], excluded=selected.ids, scope=scope_ids)
+                records = self._read("walk_candidates", last=last["id"])
+                records = [r for r in records if r["id"] not in selected.id_set]
             else:
                 records = self._read("walk_candidates_all", space=self.space, vector=last["vector"].tolist(),
-                                     excluded=selected.ids, scope=scope_ids, skip=skip, limit=config.page)
+                                     excluded=selected.ids, skip=skip, limit=config.page)
             if not records:
                 return None
             vectors = self._vectors(records)
@@ -320,9 +321,9 @@ class GraphWalk:
             order, cos = order_by_cos(vectors, rows, last["vector"])
             for pos in order:
                 record = records[pos]
-                if record["conflict"] is not None:  # a stored CONFLICT edge to the scope: no dot product needed
-                    other, weight = record["conflict"]
-                    result.rejections.append(Rejection(ci, members, record["id"], "conflict", other, float(weight)))
+                stored = next(((x, w) for x, w in record["conflicts"] if x in scope_ids), None)
+                if stored is not None:  # a stored CONFLICT edge to the scope: rejected without a dot product
+                    result.rejections.append(Rejection(ci, members, record["id"], "conflict", stored[0], float(stored[1])))
                     continue
                 ok, reason, worst, value, min_cos, ratio = admit(vectors[pos], scope, component_sum, k, config.delta)
                 if ok:

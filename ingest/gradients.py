@@ -122,8 +122,9 @@ def _chunk_features(extractor: PerExampleGradients, projector: Projector, adam, 
         pending_rows.clear()
         pending_grads.clear()
 
-    for b in range(0, len(order), config.batch_size):
-        idx = order[b:b + config.batch_size]
+    batch_size = config.batch_for(str(projector.device))
+    for b in range(0, len(order), batch_size):
+        idx = order[b:b + batch_size]
         ids, labels, attention = collate([encoded[i] for i in idx], pad_id)
         grads, losses = extractor.compute(ids, labels, attention)
         if adam is not None:

@@ -1,0 +1,88 @@
+"""The gradient walk: Neo4j traversal vs the in-memory reference, steps/s and round trips per step.
+
+    python bench/walk.py --n 10000 100000 --ratio 0.01 0.05 --dim 8192
+
+For each N a graph of clustered unit vectors is built in a scratch database of a project-managed Neo4j
+(hnswlib edges, k=16; the walk's correctness does not depend on edge quality because the reference walks
+the same SIMILAR lists, so the index is built with fast settings: ef_construction 64, ef 32/64). Validation
+vectors come from a few clusters. For each ratio the G2IS walk (defaults: graph neighbours, conflict
+scope all, paper fallback) runs against Neo4j and then in memory on the same vectors and edge lists;
+both must pick the same samples. Prints wall time, steps/s, queries per step and the ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from g2is_graph.config import GraphConfig, SelectionConfig, ServerConfig  # noqa: E402
+from g2is_graph.graph import Graph  # noqa: E402
+from g2is_graph.neo4j_local import LocalServer, _free_port  # noqa: E402
+from g2is_graph.selection import load_vectors, select, space_info  # noqa: E402
+from g2is_graph.synthetic import clustered_vectors, synthetic_rows, synthetic_store  # noqa: E402
+from g2is_graph.walk import reference_walk  # noqa: E402
+from g2is_graph.knowledge import components_for_tasks  # noqa: E402
+from ingest.graph_build import build_graph  # noqa: E402
+
+FAST_EDGES = GraphConfig(k=16, ef_construction=64, ef=32, ef_negative=64, negative_candidates=64, recall_sample=128)
+
+
+def case(graph: Graph, tmp: Path, n: int, dim: int, ratios: list[float]) -> None:
+    vectors = clustered_vectors(n, dim, clusters=50, spread=0.8, seed=2)
+    store = synthetic_store(tmp / f"train{n}" / "c", vectors, synthetic_rows(n), chunk_rows=4096)
+    rng = np.random.default_rng(3)
+    validation = vectors[rng.choice(n, 40, replace=False)] + 0.2 * rng.standard_normal((40, dim)).astype(np.float32)
+    val_store = synthetic_store(tmp / f"val{n}" / "c", validation, synthetic_rows(40, prefix="v", task="t"), kind="sgd")
+    graph.clear()
+    started = time.perf_counter()
+    build_graph(graph, [store.path], FAST_EDGES, tmp / f"state{n}", validation_stores=[val_store.path], progress=True)
+    print(f"N={n} d={dim}: graph built in {time.perf_counter() - started:.0f} s", flush=True)
+    space = space_info(graph)
+    node_vectors, nodes = load_vectors(graph, space)
+    ids = [node["id"] for node in nodes]
+    neighbors = {r["source"]: np.asarray(r["targets"]) for r in graph.read("similar_rows", space=space.id)}
+    for ratio in ratios:
+        config = SelectionConfig(ratio=ratio)
+        run = select(graph, config, None, progress=True, echo=lambda m: None)
+        walk = run.walk
+        components = components_for_tasks(validation, ["t"] * 40, len(run.picks), config.tau, config.centered,
+                                          config.orient, config.multi_task)
+        reference = reference_walk(node_vectors, ids, components, dataclasses.replace(config), neighbors)
+        same = reference.ids == walk.ids
+        steps = max(walk.steps, 1)
+        print(f"  ratio {ratio:.0%}: {len(walk.picks)} picks, {walk.steps} steps, {len(components)} components | "
+              f"Neo4j walk {walk.seconds:7.1f} s ({walk.steps / walk.seconds:6.1f} steps/s, "
+              f"{walk.round_trips / steps:.2f} queries/step) | reference {reference.seconds:6.1f} s "
+              f"({reference.steps / max(reference.seconds, 1e-9):7.1f} steps/s) | Neo4j/reference "
+              f"{walk.seconds / max(reference.seconds, 1e-9):5.2f}x | same selection: {same}", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, nargs="+", default=[10_000, 100_000])
+    parser.add_argument("--ratio", type=float, nargs="+", default=[0.01, 0.05])
+    parser.add_argument("--dim", type=int, default=8192)
+    args = parser.parse_args()
+    tmp = Path(tempfile.mkdtemp())
+    server = LocalServer(ServerConfig(state_dir=tmp / "neo4j", port=_free_port(), auth=False, heap="4g",
+                                      pagecache="4g"))
+    server.start(echo=lambda m: None)
+    try:
+        with Graph(server.status().uri) as graph:
+            graph.init_schema()
+            for n in args.n:
+                case(graph, tmp, n, args.dim, args.ratio)
+    finally:
+        server.stop()
+
+
+if __name__ == "__main__":
+    main()
