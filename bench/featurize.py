@@ -143,8 +143,9 @@ def main() -> None:
         _, results["batched + sparse"] = timed(batched, sparse)
     _, results["gradients only, bs1 loop"] = timed(lambda: [reference_gradient(model, *collate([e], pad)[:2])
                                                            for e in encoded])
-    _, results["gradients only, batched"] = timed(lambda: [extractor.compute(*collate([encoded[i] for i in range(b, min(b + args.batch_size, len(encoded)))], pad))
-                                                          for b in range(0, len(encoded), args.batch_size)])
+    by_length = sorted(encoded, key=lambda e: e.n_tokens)
+    _, results["gradients only, batched"] = timed(lambda: [extractor.compute(*collate(by_length[b:b + args.batch_size], pad))
+                                                          for b in range(0, len(by_length), args.batch_size)])
     reference = results[base_name]
     for name, seconds in results.items():
         rate = len(encoded) / seconds

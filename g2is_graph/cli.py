@@ -410,6 +410,66 @@ def runs_compare(obj: Context, run_ids) -> None:
         click.echo(json.dumps(compare_runs(graph, list(run_ids)), indent=2))
 
 
+# -- use: fine-tuning and evaluation ---------------------------------------------------------
+@main.command("finetune")
+@click.argument("records", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--model", "model_spec", required=True, help="HF model folder or .gguf file.")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--epochs", type=int, default=None, help="Default 3 (G2IS appendix B).")
+@click.option("--lr", type=float, default=None, help="Default 2e-5.")
+@click.option("--warmup-ratio", type=float, default=None, help="Default 0.3.")
+@click.option("--schedule", type=click.Choice(["cosine", "linear"]), default=None)
+@click.option("--lora-r", type=int, default=None)
+@click.option("--lora-alpha", type=int, default=None)
+@click.option("--batch-size", type=int, default=None)
+@click.option("--grad-accumulation", type=int, default=None)
+@click.option("--seed", type=int, default=None)
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None)
+@click.option("--device", default=None)
+@with_options(data_options)
+@click.pass_obj
+def finetune_cmd(obj: Context, records, model_spec, out, lora_r, lora_alpha, max_length, template, skip_bad,
+                 **flags) -> None:
+    """LoRA fine-tuning on RECORDS (e.g. a run's selected.jsonl); resumable; the adapter loads with plain peft."""
+    from .finetune import run_finetune
+
+    config = obj.build(cfg.FinetuneConfig, "finetune", **flags)
+    if lora_r is not None or lora_alpha is not None:
+        config = dataclasses.replace(config, lora=dataclasses.replace(
+            config.lora, r=lora_r or config.lora.r, alpha=lora_alpha or config.lora.alpha))
+    result = run_finetune(records, model_spec, out, config, _data_config(obj, max_length, template, skip_bad),
+                          echo=obj.echo, progress=not obj.quiet)
+    click.echo(f"{result.adapter}\t{result.n_examples} examples\t{result.steps} steps\tlast loss {result.final_loss:.4f}")
+
+
+@main.command("evaluate")
+@click.argument("test", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--model", "model_spec", required=True, help="The base model the adapters were trained on.")
+@click.option("--adapter", "adapters", multiple=True, metavar="NAME=DIR",
+              help="An adapter to compare (repeatable); the base model is always included.")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--batch-size", type=int, default=None)
+@click.option("--device", default=None)
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None)
+@with_options(data_options)
+@click.pass_obj
+def evaluate_cmd(obj: Context, test, model_spec, adapters, out, max_length, template, skip_bad, **flags) -> None:
+    """Answer loss (and choice accuracy) on TEST jsonl for the base model and each adapter; JSON + PNG."""
+    from .evaluate import EvaluateConfig, run_evaluate, table
+
+    named = {}
+    for item in adapters:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not Path(path).is_dir():
+            raise cfg.ConfigError(f"--adapter {item!r}: expected NAME=DIR with an adapter directory")
+        named[name] = Path(path)
+    config = obj.build(EvaluateConfig, "evaluate", **flags)
+    report = run_evaluate(model_spec, named, test, out, _data_config(obj, max_length, template, skip_bad), config,
+                          progress=not obj.quiet)
+    click.echo(table(report["results"]))
+    click.echo(f"{out}/results.json\t{out}/comparison.png")
+
+
 @main.command("import-less")
 @click.argument("matrix", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.argument("jsonl", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))

@@ -182,6 +182,30 @@ class WarmupConfig:
     dtype: str = "float32"
     device: str = "auto"
     lora: LoraSettings = field(default_factory=LoraSettings)
+    schedule: str = "linear"  # the LESS warmup uses HF's linear schedule
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """LoRA fine-tuning on a selection: the G2IS paper's appendix B recipe (cosine, 3 epochs, warmup 0.3).
+
+    The paper trains 7-8B models with an effective batch of 128; on small selections that leaves a handful
+    of optimizer steps, so the default effective batch here is 8 (batch_size 1 x grad_accumulation 8)."""
+
+    epochs: int = 3
+    lr: float = 2e-5
+    warmup_ratio: float = 0.3
+    schedule: str = "cosine"
+    batch_size: int = 1
+    grad_accumulation: int = 8
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    seed: int = 0
+    dtype: str = "float32"
+    device: str = "auto"
+    lora: LoraSettings = field(default_factory=LoraSettings)
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import importlib.resources
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from .config import ConnectionConfig, ServerConfig

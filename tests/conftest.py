@@ -6,7 +6,6 @@ may), and the database is emptied before each test that asks for `graph`.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest

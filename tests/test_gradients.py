@@ -99,3 +99,13 @@ def test_adam_feature_matches_the_formula():
     np.testing.assert_allclose(adam_feature(torch.tensor(g), state, "corrected").numpy(), corrected, rtol=1e-5)
     # the two forms differ (bias correction is not a no-op at step 8)
     assert np.abs(less - corrected).max() > 1e-2
+
+
+def test_loss_on_loss_positions_equals_the_full_logits_loss(tiny_model, encoded):
+    from g2is_graph.gradients import loss_token_losses, per_example_loss
+
+    model = lora_model(tiny_model)
+    examples, pad = encoded
+    ids, labels, attention = collate(examples[:5], pad)
+    full = per_example_loss(model(input_ids=ids, attention_mask=attention).logits, labels)
+    torch.testing.assert_close(loss_token_losses(model, ids, labels, attention), full, rtol=1e-5, atol=1e-6)

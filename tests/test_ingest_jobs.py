@@ -14,7 +14,8 @@ from g2is_graph.config import DataConfig, GradientConfig, LoraSettings, Projecto
 from g2is_graph.store import FeatureStore, StoreError, import_less
 from ingest import gradients as gradient_job
 from ingest.gradients import run_gradients
-from ingest.warmup import Checkpoint, checkpoint_weights, linear_schedule, run_warmup
+from g2is_graph.training import linear_schedule
+from ingest.warmup import checkpoint_weights, run_warmup
 
 WARMUP = WarmupConfig(fraction=0.5, epochs=3, lr=1e-3, grad_accumulation=2, batch_size=2,
                       lora=LoraSettings(r=4, alpha=16))

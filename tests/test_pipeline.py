@@ -73,6 +73,28 @@ def test_pipeline_end_to_end(cli, tiny_model, tmp_path):
     compare = json.loads(cli("runs", "compare", runs["g2is"], runs["less"]))
     assert compare["sizes"] == {runs["g2is"]: 6, runs["less"]: 6}
 
+    selected = Path("runs") / runs["g2is"] / "selected.jsonl"
+    out = cli("finetune", str(selected), "--model", model, "--out", "ft", "--epochs", "2", "--lr", "1e-3",
+              "--lora-r", "4", "--lora-alpha", "8", "--grad-accumulation", "2", *FAST)
+    assert "6 examples\t6 steps" in out
+    log = [json.loads(line) for line in Path("ft/train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(1, 7))
+    again = cli("finetune", str(selected), "--model", model, "--out", "ft", "--epochs", "2", "--lr", "1e-3",
+                "--lora-r", "4", "--lora-alpha", "8", "--grad-accumulation", "2", *FAST)
+    assert again == out  # a finished fine-tuning resumes to the same adapter and log
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model), "ft/adapter")  # plain peft loads it
+    test = tmp_path / "test.jsonl"
+    test.write_text("".join(json.dumps({"id": f"t{i}", "prompt": f"What is {i}+1?", "completion": str(i + 1),
+                                        "choices": [str(i + 1), str(i + 7)], "answer": 0}) + "\n" for i in range(6)))
+    table = cli("evaluate", str(test), "--model", model, "--adapter", "g2is=ft/adapter", "--out", "eval", *FAST)
+    assert "base" in table and "g2is" in table
+    report = json.loads(Path("eval/results.json").read_text())
+    assert set(report["results"]) == {"base", "g2is"} and Path("eval/comparison.png").stat().st_size > 1000
+    assert 0 <= report["results"]["g2is"]["choice_accuracy"] <= 1 and report["results"]["base"]["n_choice_items"] == 6
+
     more = write_pool(tmp_path / "more.jsonl", 12, seed=3, prefix="x")
     with open(more, "a") as fh:  # one record whose content is already in the graph
         fh.write(pool.read_text().splitlines()[0] + "\n")
