@@ -3,8 +3,8 @@
     python bench/walk.py --n 10000 100000 --ratio 0.01 0.05 --dim 8192
 
 For each N a graph of clustered unit vectors is built in a scratch database of a project-managed Neo4j
-(hnswlib edges, k=16; the walk's correctness does not depend on edge quality because the reference walks
-the same SIMILAR lists, so the index is built with fast settings: ef_construction 64, ef 32/64). Validation
+(exact edges, k=16, by blocked matrix products: the fastest on this CPU, see bench/graph.py; the reference
+walks the same SIMILAR lists read back from Neo4j). Validation
 vectors come from a few clusters. For each ratio the G2IS walk (defaults: graph neighbours, conflict
 scope all, paper fallback) runs against Neo4j and then in memory on the same vectors and edge lists;
 both must pick the same samples. Prints wall time, steps/s, queries per step and the ratio.
@@ -32,7 +32,7 @@ from g2is_graph.walk import reference_walk  # noqa: E402
 from g2is_graph.knowledge import components_for_tasks  # noqa: E402
 from ingest.graph_build import build_graph  # noqa: E402
 
-FAST_EDGES = GraphConfig(k=16, ef_construction=64, ef=32, ef_negative=64, negative_candidates=64, recall_sample=128)
+FAST_EDGES = GraphConfig(k=16, exact=True)
 
 
 def case(graph: Graph, tmp: Path, n: int, dim: int, ratios: list[float]) -> None:
@@ -69,8 +69,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, nargs="+", default=[10_000, 100_000])
     parser.add_argument("--ratio", type=float, nargs="+", default=[0.01, 0.05])
-    parser.add_argument("--dim", type=int, default=8192)
+    parser.add_argument("--dim", type=int, nargs="+", default=[8192], help="one per --n, or one for all")
     args = parser.parse_args()
+    dims = args.dim * len(args.n) if len(args.dim) == 1 else args.dim
     tmp = Path(tempfile.mkdtemp())
     server = LocalServer(ServerConfig(state_dir=tmp / "neo4j", port=_free_port(), auth=False, heap="4g",
                                       pagecache="4g"))
@@ -78,8 +79,8 @@ def main() -> None:
     try:
         with Graph(server.status().uri) as graph:
             graph.init_schema()
-            for n in args.n:
-                case(graph, tmp, n, args.dim, args.ratio)
+            for n, dim in zip(args.n, dims):
+                case(graph, tmp, n, dim, args.ratio)
     finally:
         server.stop()
 

@@ -264,6 +264,8 @@ class GraphConfig:
     ef: int = 128  # SIMILAR query
     ef_negative: int = 512  # CONFLICT query (negated vector): nearest-neighbour graphs need a wide search
     negative_candidates: int = 128  # CONFLICT candidates re-ranked by exact cosine
+    similar_candidates: int = 64  # SIMILAR candidates re-ranked by exact cosine (when the index holds a sketch)
+    index_dim: int = 0  # >0: the hnswlib index holds a JL sketch of this many dims (faster, lower recall)
     recall_sample: int = 512  # nodes checked against exact search on every hnswlib build
     node_batch: int = 200  # nodes per write transaction (each carries its vector)
     edge_batch: int = 1000  # source nodes per edge transaction (k edges each, per kind)

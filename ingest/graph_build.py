@@ -35,7 +35,8 @@ from g2is_graph.store import StoreError
 
 STATE_FORMAT = "g2is-graph-state-v1"
 # settings that shape the edges: a state built with other values cannot be extended
-SHAPING = ("k", "exact", "m", "ef_construction", "ef", "ef_negative", "negative_candidates", "seed")
+SHAPING = ("k", "exact", "m", "ef_construction", "ef", "ef_negative", "negative_candidates", "similar_candidates",
+           "index_dim", "seed")
 
 
 @dataclass
@@ -137,6 +138,7 @@ def _merge_lists(idx_a, w_a, idx_b, w_b, k: int, descending: bool) -> tuple[np.n
 def _hnsw(config: GraphConfig) -> HnswSettings:
     return HnswSettings(M=config.m, ef_construction=config.ef_construction, ef=config.ef,
                         ef_negative=config.ef_negative, negative_candidates=config.negative_candidates,
+                        similar_candidates=config.similar_candidates, index_dim=config.index_dim,
                         threads=config.threads, seed=config.seed)
 
 
