@@ -143,6 +143,7 @@ def reference_walk(features: np.ndarray, ids: list[str], components: list[Compon
     rows = np.arange(n)
     total = sum(c.budget for c in components)
     selected = Selected(total, dim)
+    taken = np.zeros(n, dtype=bool)
     result = WalkResult(budgets=[c.budget for c in components])
     carry = 0
     for ci, comp in enumerate(components):
@@ -157,6 +158,7 @@ def reference_walk(features: np.ndarray, ids: list[str], components: list[Compon
             nonlocal component_sum, members
             vec = features[row]
             selected.add(ids[row], vec, ci)
+            taken[row] = True
             component_sum = component_sum + vec.astype(np.float64)
             result.picks.append(Pick(len(result.picks) + 1, ids[row], int(row), ci, members, how,
                                      ids[from_row] if from_row is not None else None, edge,
@@ -164,7 +166,7 @@ def reference_walk(features: np.ndarray, ids: list[str], components: list[Compon
             members += 1
 
         def argmax_k():
-            top = [r for r in k_order if ids[r] not in selected.id_set][: config.rerank]
+            top = k_order[~taken[k_order]][: config.rerank].tolist()
             if not top:
                 return None
             best, _ = best_by_k(np.asarray(top), features[top], k)
@@ -181,9 +183,10 @@ def reference_walk(features: np.ndarray, ids: list[str], components: list[Compon
                 continue
             result.steps += 1
             if neighbors is None:
-                pool = np.array([r for r in rows if ids[r] not in selected.id_set], dtype=np.int64)
+                pool = np.flatnonzero(~taken)
             else:
-                pool = np.array([r for r in neighbors[last] if ids[r] not in selected.id_set], dtype=np.int64)
+                targets = np.asarray(neighbors.get(last, ()), dtype=np.int64)
+                pool = targets[~taken[targets]]
             found = None
             if len(pool):
                 order, cos = order_by_cos(features[pool], pool, features[last])
