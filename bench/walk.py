@@ -26,10 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from g2is_graph.config import GraphConfig, SelectionConfig, ServerConfig  # noqa: E402
 from g2is_graph.graph import Graph  # noqa: E402
 from g2is_graph.neo4j_local import LocalServer, _free_port  # noqa: E402
-from g2is_graph.selection import load_vectors, select, space_info  # noqa: E402
+from g2is_graph.selection import components_of, load_vectors, select, space_info  # noqa: E402
 from g2is_graph.synthetic import clustered_vectors, synthetic_rows, synthetic_store  # noqa: E402
 from g2is_graph.walk import reference_walk  # noqa: E402
-from g2is_graph.knowledge import components_for_tasks  # noqa: E402
 from ingest.graph_build import build_graph  # noqa: E402
 
 FAST_EDGES = GraphConfig(k=16, exact=True)
@@ -53,8 +52,7 @@ def case(graph: Graph, tmp: Path, n: int, dim: int, ratios: list[float]) -> None
         config = SelectionConfig(ratio=ratio)
         run = select(graph, config, None, progress=True, echo=lambda m: None)
         walk = run.walk
-        components = components_for_tasks(validation, ["t"] * 40, len(run.picks), config.tau, config.centered,
-                                          config.orient, config.multi_task)
+        components = components_of(graph, space, config, len(run.picks) + run.walk.shortfall)
         reference = reference_walk(node_vectors, ids, components, dataclasses.replace(config), neighbors)
         same = reference.ids == walk.ids
         steps = max(walk.steps, 1)

@@ -1,4 +1,6 @@
-// One :Sample per training example; the normalised projected gradient is stored as float32.
+// One :Sample per training example. The normalised projected gradient is stored twice: as a float32 vector
+// property `gradient` (for Cypher's vector functions) and as little-endian float32 bytes `gradient_f32`, which
+// the walk and baselines read (Bolt moves bytes without a per-float decode: docs/benchmarks.md).
 UNWIND $rows AS row
 MERGE (s:Sample {id: row.id})
 SET s.source_file = row.source_file,
@@ -9,7 +11,8 @@ SET s.source_file = row.source_file,
     s.n_loss_tokens = row.n_loss_tokens,
     s.preview = row.preview,
     s.row = row.row,
-    s.space = $space
+    s.space = $space,
+    s.gradient_f32 = row.gradient_f32
 WITH s, row
 CALL db.create.setNodeVectorProperty(s, 'gradient', row.gradient)
 RETURN count(*) AS written

@@ -8,7 +8,8 @@ SET v.task = row.task,
     v.line = row.line,
     v.content_hash = row.content_hash,
     v.preview = row.preview,
-    v.space = $space
+    v.space = $space,
+    v.gradient_f32 = row.gradient_f32
 WITH v, row
 CALL db.create.setNodeVectorProperty(v, 'gradient', row.gradient)
 RETURN count(*) AS written

@@ -4,5 +4,5 @@ WHERE NOT z.id IN $excluded
 WITH z, vector.similarity.cosine(z.gradient, $vector) AS score
 ORDER BY score DESC, z.row ASC
 SKIP $skip LIMIT $limit
-RETURN z.id AS id, z.row AS row, score AS weight, z.gradient AS gradient,
+RETURN z.id AS id, z.row AS row, score AS weight, z.gradient_f32 AS gradient,
        [(z)-[c:CONFLICT]-(x:Sample) | [x.id, c.weight]] AS conflicts

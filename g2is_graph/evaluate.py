@@ -39,10 +39,11 @@ class EvaluateConfig:
 def _choice_items(records: Sequence[Record]) -> list[tuple[Record, list[str], int]]:
     items = []
     for record in records:
-        choices = record.raw.get("choices")
+        obj = json.loads(record.raw)
+        choices = obj.get("choices")
         if choices is None:
             continue
-        answer = record.raw.get("answer")
+        answer = obj.get("answer")
         if not isinstance(choices, list) or not all(isinstance(c, str) and c for c in choices) or len(choices) < 2:
             raise RecordError(record.source_file, record.line, "choices", "must be a list of at least 2 non-empty strings")
         if isinstance(answer, str) and answer in choices:

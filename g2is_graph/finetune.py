@@ -39,7 +39,7 @@ def run_finetune(paths: Sequence[str | Path], model_spec: str | Path, out_dir: s
     if not records:
         raise ConfigError("no usable records in " + ", ".join(str(p) for p in paths))
     manifest = {"config": to_jsonable(config), "data": to_jsonable(data_config), "records": [str(p) for p in paths],
-                "records_sha256": records_sha256([{"id": r.id, "hash": r.content_hash} for r in records]),
+                "records_sha256": records_sha256([{"id": r.id, "content_hash": r.content_hash} for r in records]),
                 "n_examples": len(records), "model": model_identity(model_spec).as_dict()}
     manifest_path = out_dir / "finetune.json"
     if manifest_path.exists():

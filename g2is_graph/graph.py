@@ -138,7 +138,11 @@ class Graph:
 
     def _execute(self, mode: str, text: str, params: dict[str, Any]) -> list[dict[str, Any]]:
         def work(tx):
-            return [record.data() for record in tx.run(text, params)]
+            result = tx.run(text, params)
+            keys = result.keys()
+            # record.data() walks every value recursively; rows of 8192-float vectors made that the walk's
+            # main cost (bench/walk.py), and our statements return plain values only
+            return [dict(zip(keys, record.values())) for record in result]
 
         with self._driver.session(database=self.database) as session:
             if mode == "read":

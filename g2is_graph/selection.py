@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from .config import ConfigError, SelectionConfig, to_jsonable
 from .graph import Graph, GraphError
 from .knowledge import Component, components_for_tasks
-from .walk import GraphWalk, Pick, WalkResult, reference_walk
+from .walk import GraphWalk, Pick, WalkResult, decode_vectors, reference_walk
 
 GRAPH_METHODS = ("g2is",)
 
@@ -72,7 +72,7 @@ def load_vectors(graph: Graph, space: SpaceInfo, page: int = 2000) -> tuple[np.n
     nodes: list[dict[str, Any]] = []
     for start in range(0, space.n_samples, page):
         for record in graph.read("space_vectors", space=space.id, start=start, stop=start + page):
-            vectors[record["row"]] = record.pop("gradient")
+            vectors[record["row"]] = np.frombuffer(record.pop("gradient"), dtype="<f4")
             nodes.append(record)
     if [n["row"] for n in nodes] != list(range(space.n_samples)):
         raise GraphError(f"space {space.id}: node rows are not 0..{space.n_samples - 1}; rebuild the graph")
@@ -84,7 +84,9 @@ def load_validation(graph: Graph, space: SpaceInfo, tasks: tuple[str, ...]) -> t
     if not records:
         raise GraphError(f"no validation examples{' for tasks ' + ', '.join(tasks) if tasks else ''} in the graph; "
                          "add them with `g2is graph build --validation`")
-    vectors = np.asarray([r.pop("gradient") for r in records], dtype=np.float32)
+    vectors = decode_vectors(records)
+    for r in records:
+        r.pop("gradient")
     return vectors, records
 
 

@@ -181,7 +181,8 @@ def _node_rows(state: GraphState, vectors: np.ndarray, rows: Sequence[int]) -> l
         store_rows = open_stores(segment["stores"][:1])[0].rows()
         meta_rows.extend(store_rows[i] for i in segment["taken"])
     keep = ("id", "source_file", "line", "dataset", "content_hash", "n_tokens", "n_loss_tokens", "preview")
-    return [{**{key: meta_rows[r].get(key) for key in keep}, "row": int(r), "gradient": vectors[r].tolist()}
+    return [{**{key: meta_rows[r].get(key) for key in keep}, "row": int(r), "gradient": vectors[r].tolist(),
+             "gradient_f32": vectors[r].astype("<f4").tobytes()}
             for r in rows]
 
 
@@ -347,7 +348,8 @@ def write_validation(graph: Graph, space: FeatureSpace, validation_stores: Seque
     rows = stores[0].rows()
     payload = [{"id": r["id"], "task": r.get("task") or r.get("dataset") or "default", "subtask": r.get("subtask"),
                 "dataset": r.get("dataset"), "source_file": r["source_file"], "line": r["line"],
-                "content_hash": r["content_hash"], "preview": r.get("preview"), "gradient": vectors[i].tolist()}
+                "content_hash": r["content_hash"], "preview": r.get("preview"), "gradient": vectors[i].tolist(),
+                "gradient_f32": vectors[i].astype("<f4").tobytes()}
                for i, r in enumerate(rows)]
     _timed_write(graph, "upsert_validation", iter(payload), len(payload), config.node_batch, "example", progress,
                  space=space.id)

@@ -165,7 +165,7 @@ def test_checkpoints_combine_into_the_weighted_cosine_and_validation_nodes_are_w
     for j in (1, 5, 29):
         assert similar[f"s{j}"] == pytest.approx(weighted[0, j], abs=1e-5)
     val = graph.read("validation_vectors", space=result.space_id, tasks=None)
-    assert [v["task"] for v in val] == ["gsm8k"] * 4 and len(val[0]["gradient"]) == 32
+    assert [v["task"] for v in val] == ["gsm8k"] * 4 and len(val[0]["gradient"]) == 32 * 4  # float32 bytes
     with pytest.raises(StoreError, match="sgd"):
         build_graph(graph, [s1.path, s2.path], config, tmp_path / "state", validation_stores=[s1.path, s2.path],
                     progress=False)
