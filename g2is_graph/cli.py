@@ -288,19 +288,28 @@ def warmup(obj: Context, pool, model_spec, out, lora_r, lora_alpha, max_length, 
         click.echo(f"{checkpoint.path}\tepoch {checkpoint.epoch}\tstep {checkpoint.step}\tweight {weight:.4f}")
 
 
+featurize_options = [
+    click.argument("records", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path)),
+    click.option("--model", "model_spec", required=True, help="HF model folder or .gguf file (the warmup's base)."),
+    click.option("--checkpoint", "checkpoints", multiple=True, required=True,
+                 type=click.Path(exists=True, file_okay=False, path_type=Path),
+                 help="Warmup checkpoint (repeatable; the graph's checkpoints, in order, for ingest)."),
+]
+projector_options = [
+    click.option("--projector", "projector_kind", type=click.Choice(["rademacher", "gaussian", "sparse"]), default=None),
+    click.option("--dim", type=int, default=None, help="Projected dimension (default 8192)."),
+    click.option("--projector-seed", type=int, default=None),
+]
+
+
 @main.command()
-@click.argument("records", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--model", "model_spec", required=True, help="HF model folder or .gguf file (the warmup's base).")
-@click.option("--checkpoint", "checkpoints", multiple=True, required=True,
-              type=click.Path(exists=True, file_okay=False, path_type=Path), help="Warmup checkpoint (repeatable).")
+@with_options(featurize_options)
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Feature directory: one store per checkpoint inside it.")
 @click.option("--kind", type=click.Choice(["adam", "sgd"]), default=None,
               help="adam: training-pool features (default); sgd: validation features.")
 @click.option("--adam-form", type=click.Choice(["less", "corrected"]), default=None)
-@click.option("--projector", "projector_kind", type=click.Choice(["rademacher", "gaussian", "sparse"]), default=None)
-@click.option("--dim", type=int, default=None, help="Projected dimension (default 8192).")
-@click.option("--projector-seed", type=int, default=None)
+@with_options(projector_options)
 @click.option("--batch-size", type=int, default=None)
 @click.option("--projection-batch", type=int, default=None)
 @click.option("--chunk-rows", type=int, default=None)
@@ -361,16 +370,10 @@ def graph_build(obj: Context, stores, state_dir, validation_stores, **flags) -> 
 
 
 @main.command()
-@click.argument("records", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--model", "model_spec", required=True, help="The model the graph's features came from.")
-@click.option("--checkpoint", "checkpoints", multiple=True, required=True,
-              type=click.Path(exists=True, file_okay=False, path_type=Path), help="The graph's checkpoints, in order.")
+@with_options(featurize_options)
 @click.option("--features", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Directory for the new records' feature stores.")
-@click.option("--projector", "projector_kind", type=click.Choice(["rademacher", "gaussian", "sparse"]), default=None)
-@click.option("--dim", type=int, default=None)
-@click.option("--projector-seed", type=int, default=None)
-@with_options(graph_options + data_options)
+@with_options(projector_options + graph_options + data_options)
 @click.pass_obj
 def ingest(obj: Context, records, model_spec, checkpoints, features, projector_kind, dim, projector_seed, state_dir,
            validation_stores, max_length, template, skip_bad, **flags) -> None:

@@ -17,7 +17,7 @@ from .config import ConfigError, DataConfig, FinetuneConfig, to_jsonable
 from .data import load_pool
 from .model import load_tokenizer, model_identity
 from .store import records_sha256
-from .training import LOG_FILE, train_lora
+from .training import LOG_FILE, train_lora, write_or_check_manifest
 
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
 
@@ -42,14 +42,7 @@ def run_finetune(paths: Sequence[str | Path], model_spec: str | Path, out_dir: s
                 "records_sha256": records_sha256([{"id": r.id, "content_hash": r.content_hash} for r in records]),
                 "n_examples": len(records), "model": model_identity(model_spec).as_dict()}
     manifest_path = out_dir / "finetune.json"
-    if manifest_path.exists():
-        previous = json.loads(manifest_path.read_text())
-        changed = [k for k in ("config", "data", "records_sha256", "model") if previous.get(k) != manifest[k]]
-        if changed:
-            raise ConfigError(f"{manifest_path}: an earlier fine-tuning in this directory used different "
-                              f"{', '.join(changed)}; use a new output directory")
-    else:
-        manifest_path.write_text(json.dumps(manifest, indent=2))
+    write_or_check_manifest(manifest_path, manifest, ("config", "data", "records_sha256", "model"), "fine-tuning")
     checkpoints = train_lora(encoded, list(range(len(records))), tokenizer.pad_token_id, model_spec, out_dir, config,
                              "finetune", echo, progress)
     adapter = out_dir / "adapter"

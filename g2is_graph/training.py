@@ -30,6 +30,18 @@ STATE_FILE = "trainer_state.json"
 LOG_FILE = "train_log.jsonl"
 
 
+def write_or_check_manifest(path: Path, manifest: dict, keys: Sequence[str], what: str) -> None:
+    """Save a job's manifest, or refuse to resume a directory whose earlier job used other settings."""
+    if path.exists():
+        previous = json.loads(path.read_text())
+        changed = [k for k in keys if previous.get(k) != manifest[k]]
+        if changed:
+            raise ConfigError(f"{path}: an earlier {what} in this directory used different {', '.join(changed)}; "
+                              "use a new output directory")
+    else:
+        path.write_text(json.dumps(manifest, indent=2))
+
+
 def linear_schedule(step: int, total: int, warmup: int, lr: float) -> float:
     """HF's linear schedule with warmup: lr at optimizer step `step` (0-based)."""
     if step < warmup:

@@ -17,11 +17,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from g2is_graph.config import ConfigError, DataConfig, WarmupConfig, to_jsonable
+from g2is_graph.config import DataConfig, WarmupConfig, to_jsonable
 from g2is_graph.data import load_pool
 from g2is_graph.gradients import AdamState
 from g2is_graph.model import load_tokenizer, model_identity, pick_device
-from g2is_graph.training import ADAM_FILE, STATE_FILE, train_lora
+from g2is_graph.training import ADAM_FILE, STATE_FILE, train_lora, write_or_check_manifest
 
 
 @dataclass(frozen=True)
@@ -97,14 +97,7 @@ def run_warmup(pool: Sequence[str | Path], model_spec: str | Path, out_dir: str 
                 "model": model_identity(model_spec).as_dict(), "warmup_ids": [records[i].id for i in chosen],
                 "device": device}
     manifest_path = out_dir / "warmup.json"
-    if manifest_path.exists():
-        previous = json.loads(manifest_path.read_text())
-        changed = [k for k in ("config", "data", "model", "warmup_ids") if previous.get(k) != manifest[k]]
-        if changed:
-            raise ConfigError(f"{manifest_path}: an earlier warmup in this directory used different "
-                             f"{', '.join(changed)}; use a new output directory")
-    else:
-        manifest_path.write_text(json.dumps(manifest, indent=2))
+    write_or_check_manifest(manifest_path, manifest, ("config", "data", "model", "warmup_ids"), "warmup")
 
     paths = train_lora(encoded, chosen, tokenizer.pad_token_id, model_spec, out_dir, config, "warmup", echo, progress)
     return [Checkpoint.load(p) for p in paths]
