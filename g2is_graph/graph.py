@@ -173,8 +173,9 @@ class Graph:
         with self._driver.session(database=self.database) as session:
             return [record.data() for record in session.run(text, params or {})]
 
-    def clear(self, batch_size: int = 10_000) -> None:
-        """Delete every node and relationship (tests and `g2is db reset`), in bounded transactions."""
+    def clear(self, batch_size: int = 1_000) -> None:
+        """Delete every node and relationship (tests and `g2is db reset`), in bounded transactions (nodes
+        carry 8192-float vectors: 10,000 per transaction exceeded the default 2 GiB transaction memory)."""
         while self.write("delete_some_nodes", limit=batch_size)[0]["deleted"]:
             pass
 
