@@ -262,14 +262,33 @@ class GraphWalk:
             members = 0
             last: dict[str, Any] | None = None
 
+            cursor = 0
+            cache: dict[str, np.ndarray] = {}  # vectors of ranking entries already fetched
+
+            def unselected(entry) -> bool:
+                return selected is None or entry["id"] not in selected.id_set
+
             def argmax_k():
-                top = [r for r in ranking if selected is None or r["id"] not in selected.id_set][: config.rerank]
+                """The exact argmax among the first `rerank` unselected ranking entries; vectors are fetched
+                once (with the next entries prefetched), so a run of fallbacks costs few queries."""
+                nonlocal cursor
+                while cursor < len(ranking) and not unselected(ranking[cursor]):
+                    cursor += 1
+                top, i = [], cursor
+                while i < len(ranking) and len(top) < config.rerank:
+                    if unselected(ranking[i]):
+                        top.append(ranking[i])
+                    i += 1
                 if not top:
                     return None
-                fetched = self._read("walk_vectors", ids=[r["id"] for r in top])
-                vectors = self._vectors(fetched)
-                best, _ = best_by_k(np.asarray([r["row"] for r in fetched]), vectors, k)
-                return {"id": fetched[best]["id"], "row": fetched[best]["row"], "vector": vectors[best]}
+                missing = [r["id"] for r in top if r["id"] not in cache]
+                if missing:
+                    ahead = [r["id"] for r in ranking[i:i + 3 * config.rerank] if r["id"] not in cache and unselected(r)]
+                    fetched = self._read("walk_vectors", ids=missing + ahead)
+                    cache.update(zip((r["id"] for r in fetched), self._vectors(fetched)))
+                vectors = np.stack([cache[r["id"]] for r in top])
+                best, _ = best_by_k(np.asarray([r["row"] for r in top]), vectors, k)
+                return {"id": top[best]["id"], "row": top[best]["row"], "vector": vectors[best]}
 
             def take(node, how, edge=None, consistency=None, min_cos=None):
                 nonlocal component_sum, members, selected, dim
