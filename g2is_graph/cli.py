@@ -248,6 +248,25 @@ data_options = [
 ]
 
 
+training_options = [
+    click.option("--lora-r", type=int, default=None),
+    click.option("--lora-alpha", type=int, default=None),
+    click.option("--batch-size", type=int, default=None),
+    click.option("--grad-accumulation", type=int, default=None),
+    click.option("--seed", type=int, default=None),
+    click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None),
+    click.option("--device", default=None, help="auto (default), cpu, cuda, cuda:N."),
+]
+
+
+def with_lora(config, r: int | None, alpha: int | None):
+    """A warmup or fine-tuning config with --lora-r/--lora-alpha applied."""
+    if r is None and alpha is None:
+        return config
+    return dataclasses.replace(config, lora=dataclasses.replace(config.lora, r=r or config.lora.r,
+                                                                alpha=alpha or config.lora.alpha))
+
+
 def with_options(options):
     def wrap(fn):
         for option in reversed(options):
@@ -264,23 +283,13 @@ def with_options(options):
 @click.option("--max-examples", type=int, default=None, help="Cap on warmup examples after the fraction.")
 @click.option("--epochs", type=int, default=None)
 @click.option("--lr", type=float, default=None)
-@click.option("--lora-r", type=int, default=None)
-@click.option("--lora-alpha", type=int, default=None)
-@click.option("--batch-size", type=int, default=None)
-@click.option("--grad-accumulation", type=int, default=None)
-@click.option("--seed", type=int, default=None)
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None)
-@click.option("--device", default=None, help="auto (default), cpu, cuda, cuda:N.")
-@with_options(data_options)
+@with_options(training_options + data_options)
 @click.pass_obj
 def warmup(obj: Context, pool, model_spec, out, lora_r, lora_alpha, max_length, template, skip_bad, **flags) -> None:
     """LoRA warmup on a seeded fraction of POOL; saves adapter + name-keyed Adam state per epoch."""
     from ingest.warmup import checkpoint_weights, run_warmup
 
-    config = obj.build(cfg.WarmupConfig, "warmup", **flags)
-    if lora_r is not None or lora_alpha is not None:
-        config = dataclasses.replace(config, lora=dataclasses.replace(
-            config.lora, r=lora_r or config.lora.r, alpha=lora_alpha or config.lora.alpha))
+    config = with_lora(obj.build(cfg.WarmupConfig, "warmup", **flags), lora_r, lora_alpha)
     checkpoints = run_warmup(pool, model_spec, out, config, _data_config(obj, max_length, template, skip_bad),
                              echo=obj.echo, progress=not obj.quiet)
     weights = checkpoint_weights(checkpoints)
@@ -476,24 +485,14 @@ def runs_compare(obj: Context, run_ids) -> None:
 @click.option("--lr", type=float, default=None, help="Default 2e-5.")
 @click.option("--warmup-ratio", type=float, default=None, help="Default 0.3.")
 @click.option("--schedule", type=click.Choice(["cosine", "linear"]), default=None)
-@click.option("--lora-r", type=int, default=None)
-@click.option("--lora-alpha", type=int, default=None)
-@click.option("--batch-size", type=int, default=None)
-@click.option("--grad-accumulation", type=int, default=None)
-@click.option("--seed", type=int, default=None)
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None)
-@click.option("--device", default=None)
-@with_options(data_options)
+@with_options(training_options + data_options)
 @click.pass_obj
 def finetune_cmd(obj: Context, records, model_spec, out, lora_r, lora_alpha, max_length, template, skip_bad,
                  **flags) -> None:
     """LoRA fine-tuning on RECORDS (e.g. a run's selected.jsonl); resumable; the adapter loads with plain peft."""
     from .finetune import run_finetune
 
-    config = obj.build(cfg.FinetuneConfig, "finetune", **flags)
-    if lora_r is not None or lora_alpha is not None:
-        config = dataclasses.replace(config, lora=dataclasses.replace(
-            config.lora, r=lora_r or config.lora.r, alpha=lora_alpha or config.lora.alpha))
+    config = with_lora(obj.build(cfg.FinetuneConfig, "finetune", **flags), lora_r, lora_alpha)
     result = run_finetune(records, model_spec, out, config, _data_config(obj, max_length, template, skip_bad),
                           echo=obj.echo, progress=not obj.quiet)
     click.echo(f"{result.adapter}\t{result.n_examples} examples\t{result.steps} steps\tlast loss {result.final_loss:.4f}")
