@@ -172,3 +172,77 @@ def test_non_finite_and_wrong_dimension_features_are_refused(tmp_path, pool_file
 
     with pytest.raises(StoreError, match="projector"):
         open_stores([a.path, b.path])
+
+
+def test_auth_server_end_to_end_and_the_password_never_leaks(tmp_path, monkeypatch):
+    """A server with auth on, credentials from the environment: build, select and explain through the CLI
+    with --verbose; the password is in none of the outputs, manifests, state files or server logs."""
+    from click.testing import CliRunner
+
+    from g2is_graph.cli import main
+
+    secret = "s3cret-" + hashlib.sha256(str(time.time()).encode()).hexdigest()[:12]
+    server = LocalServer(ServerConfig(state_dir=tmp_path / "neo4j", port=_free_port(), auth=True, heap="512m",
+                                      pagecache="128m"))
+    server.start(echo=lambda m: None)
+    try:
+        with Graph(server.status().uri, auth=("neo4j", server.password())) as g:  # the user's own password
+            g._driver.execute_query("ALTER CURRENT USER SET PASSWORD FROM $old TO $new",
+                                    {"old": server.password(), "new": secret}, database_="system")
+        monkeypatch.chdir(tmp_path)
+        monkeypatch.setenv("NEO4J_URI", server.status().uri)
+        monkeypatch.setenv("NEO4J_USER", "neo4j")
+        monkeypatch.setenv("NEO4J_PASSWORD", secret)
+        n = 30
+        rows = synthetic_rows(n)
+        with open(tmp_path / "synthetic.jsonl", "w") as fh:
+            for r in rows:
+                fh.write(json.dumps({"id": r["id"], "prompt": f"question {r['id']}", "completion": "answer"}) + "\n")
+        vectors = clustered_vectors(n, 16, clusters=3, seed=4)
+        train = synthetic_store(tmp_path / "train" / "c", vectors, rows)
+        val = synthetic_store(tmp_path / "val" / "c", vectors[:5], synthetic_rows(5, prefix="v", task="t"), kind="sgd")
+        runner = CliRunner()
+        outputs = []
+        for args in (["-v", "graph", "build", str(train.path), "--validation", str(val.path), "--exact", "--k", "5"],
+                     ["-v", "select", "--n", "4", "--out", "runs"], ["-v", "runs"]):
+            result = runner.invoke(main, args)
+            assert result.exit_code == 0, result.output
+            outputs.append(result.output)
+        run_id = outputs[-1].split()[0]
+        sample = (tmp_path / "runs" / run_id / "ids.txt").read_text().split()[0]
+        result = runner.invoke(main, ["-v", "explain", "--run", run_id, "--sample", sample, "--json"])
+        assert result.exit_code == 0 and json.loads(result.output)["selected"]
+        outputs.append(result.output)
+        monkeypatch.setenv("NEO4J_PASSWORD", "wrong-" + secret[::-1])
+        refused = runner.invoke(main, ["-v", "db", "info"])
+        assert refused.exit_code == 3
+        outputs.append(refused.output)
+        assert not any(secret in o or secret[::-1] in o for o in outputs)
+        files = [p for p in tmp_path.rglob("*") if p.is_file() and p.suffix in (".json", ".jsonl", ".txt", ".log")]
+        assert files and not any(secret in p.read_text(errors="replace") for p in files)
+    finally:
+        server.stop()
+
+
+def test_transient_errors_are_retried_and_written_once(graph, monkeypatch):
+    """Two simulated deadlocks inside a managed write: the driver retries with backoff, the rows land once."""
+    from neo4j._sync.work.transaction import ManagedTransaction
+    from neo4j.exceptions import TransientError
+
+    rows = [{"id": f"t{i}", "source_file": "f", "line": i, "dataset": "d", "content_hash": f"h{i}", "n_tokens": 1,
+             "n_loss_tokens": 1, "preview": "p", "row": i, "gradient": [1.0, 0.0], "gradient_f32": b"\0" * 8}
+            for i in range(3)]
+    real_run = ManagedTransaction.run
+    attempts = {"n": 0}
+
+    def flaky_run(self, query, parameters=None, **kwargs):
+        attempts["n"] += 1
+        if attempts["n"] <= 2:
+            raise TransientError("simulated deadlock")
+        return real_run(self, query, parameters, **kwargs)
+
+    monkeypatch.setattr(ManagedTransaction, "run", flaky_run)
+    graph.write("upsert_samples", rows=rows, space="s")
+    monkeypatch.setattr(ManagedTransaction, "run", real_run)
+    assert attempts["n"] == 3  # two failures, then the write
+    assert graph.counts()["samples"] == 3
