@@ -246,3 +246,38 @@ def test_transient_errors_are_retried_and_written_once(graph, monkeypatch):
     monkeypatch.setattr(ManagedTransaction, "run", real_run)
     assert attempts["n"] == 3  # two failures, then the write
     assert graph.counts()["samples"] == 3
+
+
+def test_secure_uris_pass_through_to_the_driver_unchanged(monkeypatch):
+    from g2is_graph.config import ConnectionConfig
+    from g2is_graph.graph import resolve_connection
+
+    for uri in ("neo4j+s://graph.example.invalid:7687", "bolt+s://graph.example.invalid:7687"):
+        monkeypatch.setenv("NEO4J_URI", uri)
+        monkeypatch.setenv("NEO4J_PASSWORD", "pw-from-env")
+        resolved, auth, _ = resolve_connection(ConnectionConfig.from_env(), start_local=False)
+        assert resolved == uri and auth == ("neo4j", "pw-from-env")
+        g = Graph(resolved, auth)
+        assert g._driver.encrypted  # the +s scheme reached the driver: TLS with certificate checks
+        g.close()
+
+
+def test_an_interrupted_selection_run_is_never_left_complete(graph, tmp_path, monkeypatch):
+    from g2is_graph import selection
+    from g2is_graph.config import SelectionConfig
+
+    n = 40
+    vectors = clustered_vectors(n, 16, clusters=3, seed=5)
+    train = synthetic_store(tmp_path / "t" / "c", vectors, synthetic_rows(n))
+    val = synthetic_store(tmp_path / "v" / "c", vectors[:5], synthetic_rows(5, prefix="v", task="t"), kind="sgd")
+    build_graph(graph, [train.path], GraphConfig(k=5, exact=True, device="cpu"), tmp_path / "state",
+                validation_stores=[val.path], progress=False)
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(selection, "write_outputs", crash)
+    with pytest.raises(OSError, match="simulated"):
+        selection.select(graph, SelectionConfig(n_select=6), tmp_path / "runs", progress=False)
+    runs = graph.read("runs_list")
+    assert len(runs) == 1 and runs[0]["status"] == "running"
