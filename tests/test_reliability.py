@@ -100,7 +100,7 @@ def test_server_killed_mid_build_then_rerun_ends_in_the_uninterrupted_graph(tmp_
             build_graph(graph, [store.path], config, tmp_path / "reference", progress=False)
             expected = graph_checksum(graph)
             rng = random.Random(0)
-            for attempt in range(2):
+            for attempt in range(3):
                 graph.clear()
                 kill_after = rng.uniform(0.2, 1.5)
                 failure = []
