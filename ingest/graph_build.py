@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +31,7 @@ from g2is_graph.config import GraphConfig, to_jsonable
 from g2is_graph.graph import Graph, GraphError
 from g2is_graph.knn import HnswIndex, HnswSettings, Neighbors, exact_topk, measure_recall
 from g2is_graph.space import FeatureSpace, check_in_space, combined_features, open_stores, space_of
-from g2is_graph.store import StoreError
+from g2is_graph.store import FeatureStore, StoreError
 
 STATE_FORMAT = "g2is-graph-state-v1"
 # settings that shape the edges: a state built with other values cannot be extended
@@ -80,6 +80,7 @@ class GraphState:
     def __init__(self, directory: Path, data: dict[str, Any]):
         self.dir = directory
         self.data = data
+        self._vectors: tuple[int, np.ndarray] | None = None  # (segments loaded, their vectors)
 
     @classmethod
     def open(cls, directory: str | Path, space: FeatureSpace, config: GraphConfig) -> "GraphState":
@@ -117,7 +118,10 @@ class GraphState:
         return Neighbors.load(path) if self.data["build"] and path.exists() else None
 
     def vectors(self) -> np.ndarray:
-        """Every node's vector in node order, from the segments' stores (checksums verified)."""
+        """Every node's vector in node order, from the segments' stores (checksums verified); read once per
+        build, since computing the neighbours and writing the nodes both need them."""
+        if self._vectors is not None and self._vectors[0] == len(self.data["segments"]):
+            return self._vectors[1]
         parts = []
         for segment in self.data["segments"]:
             stores = open_stores(segment["stores"])
@@ -125,7 +129,9 @@ class GraphState:
                 raise StoreError(f"{segment['stores'][0]}: the store changed since it was added to the graph")
             parts.append(combined_features(stores, self.data["space"]["weights"])[segment["taken"]])
         dim = self.data["space"]["dim"]
-        return np.concatenate(parts) if parts else np.empty((0, dim), dtype=np.float32)
+        vectors = np.concatenate(parts) if parts else np.empty((0, dim), dtype=np.float32)
+        self._vectors = (len(self.data["segments"]), vectors)
+        return vectors
 
 
 def _merge_lists(idx_a, w_a, idx_b, w_b, k: int, descending: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -174,16 +180,16 @@ def compute_neighbors(old: Neighbors | None, vectors: np.ndarray, n_old: int, co
     return lists, index, np.concatenate([changed, new_rows])
 
 
-def _node_rows(state: GraphState, vectors: np.ndarray, rows: Sequence[int]) -> list[dict[str, Any]]:
-    """Node properties in node order (row -> segment row map built on demand)."""
+def _node_rows(state: GraphState, vectors: np.ndarray, rows: Sequence[int]) -> Iterator[dict[str, Any]]:
+    """Node properties, one row at a time (a node's vector as a Python list is ~75 bytes per float)."""
     meta_rows = []
     for segment in state.data["segments"]:
-        store_rows = open_stores(segment["stores"][:1])[0].rows()
+        store_rows = FeatureStore(segment["stores"][0]).rows()  # the row map only: no chunk is read
         meta_rows.extend(store_rows[i] for i in segment["taken"])
     keep = ("id", "source_file", "line", "dataset", "content_hash", "n_tokens", "n_loss_tokens", "preview")
-    return [{**{key: meta_rows[r].get(key) for key in keep}, "row": int(r), "gradient": vectors[r].tolist(),
-             "gradient_f32": vectors[r].astype("<f4").tobytes()}
-            for r in rows]
+    for r in rows:
+        yield {**{key: meta_rows[r].get(key) for key in keep}, "row": int(r), "gradient": vectors[r].tolist(),
+               "gradient_f32": vectors[r].astype("<f4").tobytes()}
 
 
 def _edge_rows(ids: Sequence[str], index: np.ndarray, weight: np.ndarray, rows: Sequence[int],
@@ -316,7 +322,7 @@ def _write(graph: Graph, state: GraphState, space: FeatureSpace, recorded: dict[
     lists = state.neighbors()
     vectors = state.vectors()
     ids = state.data["ids"]
-    t_nodes = _timed_write(graph, "upsert_samples", iter(_node_rows(state, vectors, nodes)), len(nodes),
+    t_nodes = _timed_write(graph, "upsert_samples", _node_rows(state, vectors, nodes), len(nodes),
                            config.node_batch, "node", progress, space=space.id)
     k = lists.similar_index.shape[1]
     t_sim = _timed_write(graph, "sync_similar", _edge_rows(ids, lists.similar_index, lists.similar_weight, edges),
