@@ -121,8 +121,3 @@ def compare_runs(graph: Graph, run_ids: list[str]) -> dict[str, Any]:
             union = len(picks[a] | picks[b])
             overlap[f"{a} vs {b}"] = {"common": common, "jaccard": common / union if union else 1.0}
     return {"sizes": {r: len(p) for r, p in picks.items()}, "overlap": overlap, "per_source": sources}
-
-
-def overlap_fraction(a: list[str], b: list[str]) -> float:
-    return len(set(a) & set(b)) / max(len(a), 1)
-

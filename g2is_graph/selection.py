@@ -25,10 +25,7 @@ from tqdm.auto import tqdm
 from .config import ConfigError, SelectionConfig, to_jsonable
 from .graph import Graph, GraphError
 from .knowledge import Component, components_for_tasks
-from .walk import GraphWalk, Pick, WalkResult, decode_vectors, reference_walk
-
-GRAPH_METHODS = ("g2is",)
-
+from .walk import GraphWalk, Pick, WalkResult, decode_vectors, reference_walk, vector_pages
 
 @dataclass
 class SpaceInfo:
@@ -70,10 +67,9 @@ def load_vectors(graph: Graph, space: SpaceInfo, page: int = 2000) -> tuple[np.n
     """Every node vector in row order (baselines and the reference need them all)."""
     vectors = np.empty((space.n_samples, space.dim), dtype=np.float32)
     nodes: list[dict[str, Any]] = []
-    for start in range(0, space.n_samples, page):
-        for record in graph.read("space_vectors", space=space.id, start=start, stop=start + page):
-            vectors[record["row"]] = np.frombuffer(record.pop("gradient"), dtype="<f4")
-            nodes.append(record)
+    for records, page_vectors in vector_pages(graph.read, space.id, page):
+        vectors[[r["row"] for r in records]] = page_vectors
+        nodes += records
     if [n["row"] for n in nodes] != list(range(space.n_samples)):
         raise GraphError(f"space {space.id}: node rows are not 0..{space.n_samples - 1}; rebuild the graph")
     return vectors, nodes
@@ -248,7 +244,7 @@ def original_lines(locations: list[tuple[str, int]]) -> list[str]:
     return [text[loc] for loc in locations]
 
 
-def reference_for_graph(graph: Graph, config: SelectionConfig, complete: bool = False) -> WalkResult:
+def reference_for_graph(graph: Graph, config: SelectionConfig) -> WalkResult:
     """The dense Algorithm 1 on the graph's own vectors (and SIMILAR lists unless candidates = all)."""
     space = space_info(graph)
     vectors, nodes = load_vectors(graph, space)

@@ -104,6 +104,21 @@ def decode_vectors(records, key: str = "gradient") -> np.ndarray:
     return np.stack([np.frombuffer(r[key], dtype="<f4") for r in records]).astype(np.float32, copy=False)
 
 
+def vector_pages(read, space: str, page: int = 2000):
+    """(node records without their vector, [n, d] vectors) page by page, in row order; `read` runs a named
+    query (Graph.read, or a walk's counting wrapper)."""
+    start = 0
+    while True:
+        records = read("space_vectors", space=space, start=start, stop=start + page)
+        if not records:
+            return
+        vectors = decode_vectors(records)
+        for record in records:
+            del record["gradient"]
+        yield records, vectors
+        start += page
+
+
 def admit(vector: np.ndarray, scope: np.ndarray, component_sum: np.ndarray, k: np.ndarray, delta: float):
     """(passes, reason, worst scope position or None, value, min cos to scope, consistency ratio)."""
     min_cos = None
@@ -339,15 +354,10 @@ class GraphWalk:
         k32 = np.stack([c.vector for c in components]).astype(np.float32).T
         ids: list[str] = []
         rows, scores = [], []
-        start = 0
-        while True:
-            records = self._read("space_vectors", space=self.space, start=start, stop=start + page)
-            if not records:
-                break
+        for records, vectors in vector_pages(self._read, self.space, page):
             ids += [r["id"] for r in records]
             rows.append(np.asarray([r["row"] for r in records]))
-            scores.append(self._vectors(records) @ k32)
-            start += page
+            scores.append(vectors @ k32)
         return ids, np.concatenate(rows), np.concatenate(scores).astype(np.float64)
 
     def _step(self, ci, members, last, selected: Selected, component_sum, k, result: WalkResult):
