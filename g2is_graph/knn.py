@@ -2,7 +2,7 @@
 
 hnswlib answers nearest-neighbour queries; the most negative cosines of x are the nearest neighbours
 of -x, but the HNSW graph is built for near neighbours and a plain negated query at ef=64 found only
-~59% of the true most-negative neighbours on clustered data (bench/knn.py). The negative query
+~59% of the true most-negative neighbours on clustered data (prototype, docs/decisions.md). The negative query
 therefore runs with a larger ef (`ef_negative`, default 512) and returns `negative_candidates` (default
 128) candidates that are re-ranked by their exact cosine; recall is measured against exact search on
 a seeded sample of nodes with every build.
