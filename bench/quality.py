@@ -40,7 +40,7 @@ def report(state: dict, out: Path, preset: str) -> None:
     public = {k: state[k] for k in ("preset", "config", "stage_seconds", "graph", "rows", "summary", "overlap")}
     public["selections"] = [{k: v for k, v in s.items() if k != "out_dir"} for s in state["selections"].values()]
     public["pool"] = {k: state["data"]["pool_manifest"][k] for k in ("n_records", "sha256", "datasets",
-                                                                     "dropped_overlapping")}
+                                                                     "dropped_overlapping", "near_duplicates")}
     public["machine"] = {"platform": platform.platform(), "python": platform.python_version()}
     (out / f"quality-{preset}.json").write_text(json.dumps(public, indent=1))
     (out / f"quality-{preset}.md").write_text(quality.markdown_table(state) + "\n")

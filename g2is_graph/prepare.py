@@ -346,3 +346,29 @@ def natural_instructions(out: str | Path, bigbench: str | Path, per_task: int, s
         sources.append({"file": str(path), "sha256": sha256_file(path), "package": "bigbench 1.0.0 (sdist)"})
     return _write(out, records, {"sources": sources, "builder": "natural-instructions", "per_task": per_task,
                                  "seed": seed})
+
+
+def shared_ngrams(pool: str | Path, others: Sequence[str | Path], n: int = 13) -> dict[str, Any]:
+    """Near-duplicate check (GPT-3's contamination test): pool records sharing any word n-gram of their
+    question with a question in `others` (test or validation files). Returns the count and the pairs."""
+    def grams(text: str) -> set[tuple[str, ...]]:
+        words = _normalised(text).split()
+        return {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
+
+    index: dict[tuple[str, ...], str] = {}
+    for path in others:
+        with open(path, encoding="utf-8") as fh:
+            for line in fh:
+                if line.strip():
+                    record = json.loads(line)
+                    for gram in grams(_question(record)):
+                        index.setdefault(gram, record.get("id", "?"))
+    pairs = []
+    with open(pool, encoding="utf-8") as fh:
+        for line in fh:
+            if line.strip():
+                record = json.loads(line)
+                hit = next((index[g] for g in grams(_question(record)) if g in index), None)
+                if hit is not None:
+                    pairs.append({"pool": record.get("id"), "other": hit})
+    return {"n": n, "pool_records_sharing_an_ngram": len(pairs), "pairs": pairs[:50]}

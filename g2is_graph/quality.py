@@ -199,6 +199,7 @@ def prepare_data(work: Path, config: QualityConfig) -> dict[str, Any]:
         parts.append((path, n))
     pool = data / "pool.jsonl"
     manifest = prepare.mix(pool, parts, config.pool_seed, exclude=[*validation.values(), *test.values()])
+    manifest["near_duplicates"] = prepare.shared_ngrams(pool, [*validation.values(), *test.values()])
     return {"pool": str(pool), "validation": {k: str(v) for k, v in validation.items()},
             "test": {k: str(v) for k, v in test.items()}, "pool_manifest": manifest}
 

@@ -115,3 +115,14 @@ def test_bbh_test_keeps_exemplars_out_and_natural_instructions_reads_subtasks(tm
 def test_missing_bigbench_files_name_the_fetch_script(tmp_path):
     with pytest.raises(ConfigError, match="fetch-data"):
         prepare.natural_instructions(tmp_path / "ni.jsonl", tmp_path / "nothing", per_task=1)
+
+
+def test_shared_ngrams_finds_near_duplicates_that_exact_matching_misses(tmp_path):
+    test = tmp_path / "test.jsonl"
+    pool = tmp_path / "pool.jsonl"
+    sentence = "a farmer has seven cows and twelve goats and sells three of the cows at the market on monday"
+    test.write_text(json.dumps({"id": "t1", "prompt": sentence + " How many animals remain?"}) + "\n")
+    pool.write_text(json.dumps({"id": "p1", "prompt": "Rewritten: " + sentence + ", then buys a horse."}) + "\n"
+                    + json.dumps({"id": "p2", "prompt": "an unrelated question about the colour of the sky at noon"}) + "\n")
+    found = prepare.shared_ngrams(pool, [test])
+    assert found["pool_records_sharing_an_ngram"] == 1 and found["pairs"] == [{"pool": "p1", "other": "t1"}]
