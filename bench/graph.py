@@ -29,9 +29,15 @@ from g2is_graph.synthetic import clustered_vectors, synthetic_rows, synthetic_st
 from ingest.graph_build import _hnsw, build_graph  # noqa: E402
 
 
-def knn_case(n: int, dim: int, k: int, sample: int, exact_sample: int) -> None:
+def knn_case(n: int, dim: int, k: int, sample: int, exact_sample: int, threads: int = 0,
+             device: str = "cpu", exact_only: bool = False) -> None:
     vectors = clustered_vectors(n, dim, clusters=50, seed=0)
-    config = GraphConfig(k=k)
+    config = GraphConfig(k=k, threads=threads)
+    if exact_only:
+        started = time.perf_counter()
+        exact_topk(vectors, vectors, k, exclude=np.arange(n), device=device)
+        print(f"N={n:>7} d={dim} exact on {device}, all rows: {time.perf_counter() - started:.1f} s", flush=True)
+        return
     started = time.perf_counter()
     index = HnswIndex.build(vectors, _hnsw(config))
     built = time.perf_counter() - started
@@ -40,12 +46,12 @@ def knn_case(n: int, dim: int, k: int, sample: int, exact_sample: int) -> None:
     # exact search over all N rows is timed on `exact_sample` query rows and scaled (it is linear in rows)
     rows = np.random.default_rng(0).choice(n, size=min(exact_sample, n), replace=False)
     started = time.perf_counter()
-    exact = exact_topk(vectors[rows], vectors, k, exclude=rows, device="cpu")
+    exact = exact_topk(vectors[rows], vectors, k, exclude=rows, device=device)
     exact_s = (time.perf_counter() - started) * n / len(rows)
     check = rows[:sample]
     sim = recall(lists.similar_index[check], exact.similar_index[: len(check)])
     con = recall(lists.conflict_index[check], exact.conflict_index[: len(check)])
-    print(f"N={n:>7} d={dim}: hnswlib {hnsw_s:7.1f} s (build {built:.1f} s) | exact {exact_s:7.1f} s "
+    print(f"N={n:>7} d={dim} threads={threads or 'all'} exact on {device}: hnswlib {hnsw_s:7.1f} s (build {built:.1f} s) | exact {exact_s:7.1f} s "
           f"({'measured' if len(rows) == n else f'scaled from {len(rows)} rows'}) | exact/hnswlib "
           f"{exact_s / hnsw_s:5.2f}x | recall SIMILAR {sim:.3f} CONFLICT {con:.3f}", flush=True)
 
@@ -91,9 +97,16 @@ def main() -> None:
     parser.add_argument("--sample", type=int, default=512)
     parser.add_argument("--exact-sample", type=int, default=2048, help="query rows timed for exact search")
     parser.add_argument("--neo4j-n", type=int, default=10_000, help="0 to skip the Neo4j write benchmark")
+    parser.add_argument("--threads", type=int, default=0, help="hnswlib and torch threads (0: all cores)")
+    parser.add_argument("--device", default="cpu", help="exact search device (cpu, cuda)")
+    parser.add_argument("--exact-only", action="store_true", help="time exact search over all rows, no hnswlib")
     args = parser.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     for n in args.n:
-        knn_case(n, args.dim, args.k, args.sample, args.exact_sample)
+        knn_case(n, args.dim, args.k, args.sample, args.exact_sample, args.threads, args.device, args.exact_only)
     if args.neo4j_n:
         neo4j_case(args.neo4j_n, args.dim, args.k)
 
