@@ -43,7 +43,7 @@ def report(state: dict, out: Path, preset: str) -> None:
                                                                      "dropped_overlapping", "near_duplicates")}
     public["machine"] = {"platform": platform.platform(), "python": platform.python_version()}
     (out / f"quality-{preset}.json").write_text(json.dumps(public, indent=1))
-    (out / f"quality-{preset}.md").write_text(quality.markdown_table(state) + "\n")
+    (out / f"quality-{preset}.md").write_text(quality.markdown_table(state) + "\n\n" + quality.selection_table(state) + "\n")
     quality.plot(state, out / f"quality-{preset}.png")
 
 

@@ -67,6 +67,8 @@ def test_grid_runs_shares_identical_units_and_resumes_without_redoing_work(tmp_p
     assert set(state["stage_seconds"]) == {"data", "warmup", "gradients", "graph", "select", "finetune", "evaluate"}
     table = quality.markdown_table(state)
     assert "| g2is |" in table and "| g2is/unoriented |" in table
+    selections = quality.selection_table(state)
+    assert selections.count("\n") >= len([s for s in state["selections"].values() if s["seed"] == 0]) + 1
     quality.plot(state, tmp_path / "quality.png")
     assert (tmp_path / "quality.png").stat().st_size > 1000
 
