@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from g2is_graph.config import GraphConfig, ServerConfig  # noqa: E402
 from g2is_graph.graph import Graph  # noqa: E402
-from g2is_graph.knn import HnswIndex, exact_topk, recall  # noqa: E402
+from g2is_graph.knn import HnswIndex, conflict_recall, exact_topk, recall  # noqa: E402
 from g2is_graph.neo4j_local import LocalServer, _free_port  # noqa: E402
 from g2is_graph.synthetic import clustered_vectors, synthetic_rows, synthetic_store  # noqa: E402
 from ingest.graph_build import _hnsw, build_graph  # noqa: E402
@@ -50,7 +50,8 @@ def knn_case(n: int, dim: int, k: int, sample: int, exact_sample: int, threads: 
     exact_s = (time.perf_counter() - started) * n / len(rows)
     check = rows[:sample]
     sim = recall(lists.similar_index[check], exact.similar_index[: len(check)])
-    con = recall(lists.conflict_index[check], exact.conflict_index[: len(check)])
+    con = conflict_recall(lists.conflict_index[check], lists.conflict_weight[check],
+                          exact.conflict_index[: len(check)], exact.conflict_weight[: len(check)])
     print(f"N={n:>7} d={dim} threads={threads or 'all'} exact on {device}: hnswlib {hnsw_s:7.1f} s (build {built:.1f} s) | exact {exact_s:7.1f} s "
           f"({'measured' if len(rows) == n else f'scaled from {len(rows)} rows'}) | exact/hnswlib "
           f"{exact_s / hnsw_s:5.2f}x | recall SIMILAR {sim:.3f} CONFLICT {con:.3f}", flush=True)

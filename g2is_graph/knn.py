@@ -183,5 +183,20 @@ def measure_recall(features: np.ndarray, neighbors: Neighbors, sample: int = 512
     k = neighbors.similar_index.shape[1]
     exact = exact_topk(features[rows], features, k, exclude=rows, device=device)
     return {"similar": recall(neighbors.similar_index[rows], exact.similar_index),
-            "conflict": recall(neighbors.conflict_index[rows], exact.conflict_index),
+            "conflict": conflict_recall(neighbors.conflict_index[rows], neighbors.conflict_weight[rows],
+                                        exact.conflict_index, exact.conflict_weight),
             "sample": int(len(rows))}
+
+
+def conflict_recall(approx_index: np.ndarray, approx_weight: np.ndarray, exact_index: np.ndarray,
+                    exact_weight: np.ndarray) -> float | None:
+    """Recall of the CONFLICT edges that are written (cosine < 0): over rows with at least one negative
+    exact neighbour, the fraction of those the approximate list holds with a negative weight. None when
+    no sampled pair is negative (gradient features that all point one way): then no CONFLICT edge exists
+    and the least-similar lists, which hnswlib finds poorly, are never used."""
+    fractions = []
+    for a_index, a_weight, e_index, e_weight in zip(approx_index, approx_weight, exact_index, exact_weight):
+        wanted = set(e_index[e_weight < 0].tolist())
+        if wanted:
+            fractions.append(len(wanted & set(a_index[a_weight < 0].tolist())) / len(wanted))
+    return float(np.mean(fractions)) if fractions else None

@@ -59,8 +59,9 @@ class BuildResult:
         parts = [f"graph {self.space_id}: {self.n_nodes} samples ({self.n_new} new, {self.n_duplicates} "
                  f"duplicate content skipped), {self.n_changed} nodes' edges written"]
         if self.recall:
+            conflict = self.recall["conflict"]
             parts.append(f"recall vs exact on {self.recall['sample']} nodes: SIMILAR {self.recall['similar']:.3f}, "
-                         f"CONFLICT {self.recall['conflict']:.3f}")
+                         f"CONFLICT {'n/a (no negative cosine in the sample)' if conflict is None else f'{conflict:.3f}'}")
         if self.write_rates:
             parts.append(", ".join(f"{k} {v:,.0f}/s" for k, v in self.write_rates.items()))
         if self.n_validation:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from g2is_graph.knn import HnswIndex, HnswSettings, exact_topk, measure_recall, recall
+from g2is_graph.knn import HnswIndex, HnswSettings, conflict_recall, exact_topk, measure_recall, recall
 
 
 def clustered(n=1500, d=256, clusters=12, seed=0):
@@ -38,3 +38,20 @@ def test_hnsw_recall_of_both_edge_kinds_at_the_defaults():
         x, x, np.arange(len(x)), 16)
     exact = exact_topk(x, x, 16, exclude=np.arange(len(x)))
     assert recall(naive.conflict_index, exact.conflict_index) < measured["conflict"]
+
+
+def test_conflict_recall_counts_only_the_negative_pairs_that_become_edges():
+    """Gradient features that all point one way (cosines 0.46-0.99 in a real SmolLM2 store) have no
+    CONFLICT edges: recall is undefined there, not the poor recall of the unused least-similar lists."""
+    rng = np.random.default_rng(0)
+    cone = rng.normal(size=(400, 64)) * 0.3 + 3.0
+    cone /= np.linalg.norm(cone, axis=1, keepdims=True)
+    found = HnswIndex.build(cone.astype(np.float32), HnswSettings()).query(cone, cone, np.arange(len(cone)), 8)
+    assert (found.conflict_weight > 0).all()
+    assert measure_recall(cone.astype(np.float32), found, sample=100)["conflict"] is None
+    approx_index = np.array([[1, 2, 3], [4, 5, 6]])
+    approx_weight = np.array([[-0.5, -0.1, 0.2], [0.1, 0.2, 0.3]])
+    exact_index = np.array([[1, 3, 2], [4, 5, 6]])
+    exact_weight = np.array([[-0.5, -0.2, -0.1], [0.1, 0.2, 0.3]])
+    # row 0: negatives {1, 3, 2}, the approximate list holds 1 and 2 as negatives; row 1 has none
+    assert conflict_recall(approx_index, approx_weight, exact_index, exact_weight) == 2 / 3
