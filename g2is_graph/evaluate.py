@@ -34,6 +34,7 @@ class EvaluateConfig:
     device: str = "auto"
     bootstrap: int = 1000
     seed: int = 0
+    choices: bool = True  # also score multiple-choice items (one forward pass per option)
 
 
 def _choice_items(records: Sequence[Record]) -> list[tuple[Record, list[str], int]]:
@@ -85,7 +86,7 @@ def evaluate_model(model, tokenizer, records: Sequence[Record], data_config: Dat
     low, high = bootstrap_interval(losses, config.bootstrap, config.seed)
     result: dict[str, Any] = {"answer_loss": float(losses.mean()), "answer_loss_ci95": [low, high],
                               "n_items": len(records)}
-    items = _choice_items(records)
+    items = _choice_items(records) if config.choices else []
     if items:
         correct = []
         for record, choices, answer in tqdm(items, desc=f"choices {label}", disable=not progress):
