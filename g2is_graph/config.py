@@ -302,6 +302,7 @@ class SelectionConfig:
     seed: int = 0  # random baseline
     page: int = 256  # candidates fetched per query when candidates = all
     rerank: int = 16  # anchor/fallback: top entries by Neo4j's score re-ranked by exact cosine
+    cache_nodes: int = 32_768  # walk: fetched nodes kept for later steps (speed and memory only, never the result)
 
     def validate(self) -> None:
         choices = {"method": ("g2is", "less", "embedding", "random", "no-graph", "no-gradient"),
@@ -316,5 +317,5 @@ class SelectionConfig:
             raise ConfigError("[select] n_select must be positive")
         if not 0 < self.tau <= 1 or not 0 <= self.delta <= 1:
             raise ConfigError("[select] tau must be in (0, 1] and delta in [0, 1]")
-        if self.page <= 0 or self.rerank <= 0:
-            raise ConfigError("[select] page and rerank must be positive")
+        if self.page <= 0 or self.rerank <= 0 or self.cache_nodes <= 0:
+            raise ConfigError("[select] page, rerank and cache_nodes must be positive")

@@ -11,7 +11,8 @@ from __future__ import annotations
 import functools
 import importlib.resources
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from .config import ConnectionConfig, ServerConfig
@@ -43,6 +44,13 @@ def statements(name: str) -> list[str]:
     """A multi-statement file (the schema) split on semicolons, comments dropped."""
     body = "\n".join(line for line in cypher(name).splitlines() if not line.strip().startswith("//"))
     return [part.strip() for part in body.split(";") if part.strip()]
+
+
+def _rows(result) -> list[dict[str, Any]]:
+    """Rows as dicts of plain values. record.data() walks every value recursively; rows of 8192-float vectors
+    made that the walk's main cost (bench/walk.py), and our statements return plain values only."""
+    keys = result.keys()
+    return [dict(zip(keys, record.values())) for record in result]
 
 
 def batched(rows: Iterable[Any], size: int) -> Iterator[list[Any]]:
@@ -138,16 +146,29 @@ class Graph:
 
     def _execute(self, mode: str, text: str, params: dict[str, Any]) -> list[dict[str, Any]]:
         def work(tx):
-            result = tx.run(text, params)
-            keys = result.keys()
-            # record.data() walks every value recursively; rows of 8192-float vectors made that the walk's
-            # main cost (bench/walk.py), and our statements return plain values only
-            return [dict(zip(keys, record.values())) for record in result]
+            return _rows(tx.run(text, params))
 
         with self._driver.session(database=self.database) as session:
             if mode == "read":
                 return session.execute_read(work)
             return session.execute_write(work)
+
+    @contextmanager
+    def read_transaction(self) -> Iterator[Callable[..., list[dict[str, Any]]]]:
+        """A `read(name, **params)` bound to one read transaction: one network round trip per statement
+        (a session and a managed transaction cost three more) and one consistent snapshot for a whole
+        traversal. Not retried: a failure ends the traversal with GraphError/GraphUnavailable."""
+        from neo4j import READ_ACCESS
+
+        session = self._guard(self._driver.session, database=self.database, default_access_mode=READ_ACCESS)
+        try:
+            tx = self._guard(session.begin_transaction)
+            try:
+                yield lambda name, **params: self._guard(lambda: _rows(tx.run(cypher(name), params)))
+            finally:
+                self._guard(tx.close)
+        finally:
+            session.close()
 
     def write_rows(self, name: str, rows: Iterable[dict[str, Any]], batch_size: int, progress=None,
                    **params: Any) -> int:

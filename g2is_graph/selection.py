@@ -49,7 +49,8 @@ class RunResult:
         line = f"run {self.id}: {self.method} selected {len(self.picks)} samples ({dict(counts)})"
         if self.walk is not None:
             line += (f"; {self.walk.steps} walk steps, {self.walk.round_trips} queries, "
-                     f"{len(self.walk.rejections)} candidates rejected, shortfall {self.walk.shortfall}")
+                     f"{len(self.walk.rejections)} candidates rejected, shortfall {self.walk.shortfall}; "
+                     f"anchor ranking from {self.walk.scan}")
         return line
 
 
@@ -193,7 +194,7 @@ def record_run(graph: Graph, result: RunResult, config: SelectionConfig, space: 
     props = {"n_selected": len(result.picks), "components": json.dumps(result.components),
              "seconds": json.dumps(result.seconds)}
     if walk is not None:
-        props.update(steps=walk.steps, round_trips=walk.round_trips, shortfall=walk.shortfall,
+        props.update(steps=walk.steps, round_trips=walk.round_trips, shortfall=walk.shortfall, scan=walk.scan,
                      filled=walk.filled, budgets=walk.budgets,
                      rejections=json.dumps([list(r.__dict__.values()) for r in walk.rejections]))
     if out_root is not None:
@@ -217,7 +218,7 @@ def write_outputs(graph: Graph, result: RunResult, config: SelectionConfig, spac
                 "n_selected": len(picks), "config": to_jsonable(config), "components": result.components,
                 "per_source": dict(Counter(p["dataset"] or p["source_file"] for p in picks)),
                 "how": dict(Counter(p["pick"]["how"] for p in picks)), "seconds": result.seconds,
-                "walk": {k: v for k, v in props.items() if k in ("steps", "round_trips", "shortfall", "filled", "budgets")},
+                "walk": {k: v for k, v in props.items() if k in ("steps", "round_trips", "shortfall", "filled", "budgets", "scan")},
                 "selected_sha256": hashlib.sha256("".join(lines).encode()).hexdigest()}
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
     return out_dir

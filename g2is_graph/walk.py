@@ -15,7 +15,9 @@ a float32 matrix-vector product over all selected vectors (exact, not only the s
 
 from __future__ import annotations
 
+import hashlib
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,6 +62,7 @@ class WalkResult:
     filled: list[int] = field(default_factory=list)
     budgets: list[int] = field(default_factory=list)
     round_trips: int = 0
+    scan: str = "in memory"  # how cos(z, K) of every node was obtained
     steps: int = 0
     seconds: float = 0.0
 
@@ -80,14 +83,27 @@ class Selected:
         self.ids: list[str] = []
         self.id_set: set[str] = set()
         self.component_of: list[int] = []
+        self.conflicted: dict[str, list[tuple[str, float]]] = {}  # node -> selected nodes with a CONFLICT edge to it
 
-    def add(self, node_id: str, vector: np.ndarray, component: int) -> None:
+    def add(self, node_id: str, vector: np.ndarray, component: int, conflicts=()) -> None:
         if len(self.ids) == len(self.vectors):
             self.vectors = np.concatenate([self.vectors, np.empty_like(self.vectors)])
         self.vectors[len(self.ids)] = vector
         self.ids.append(node_id)
         self.id_set.add(node_id)
         self.component_of.append(component)
+        for partner, weight in conflicts:
+            self.conflicted.setdefault(partner, []).append((node_id, weight))
+
+    def stored_conflict(self, candidate_id: str, candidate_conflicts, scope_ids) -> tuple[str, float] | None:
+        """A stored CONFLICT edge between the candidate and the scope, either way round, or None."""
+        for partner, weight in candidate_conflicts:
+            if partner in scope_ids:
+                return partner, weight
+        for selected_id, weight in self.conflicted.get(candidate_id, ()):
+            if selected_id in scope_ids:
+                return selected_id, weight
+        return None
 
     def scope(self, component: int | None) -> tuple[np.ndarray, list[int]]:
         """Vectors (and positions) of all selected nodes, or of one component's."""
@@ -239,31 +255,99 @@ def reference_walk(features: np.ndarray, ids: list[str], components: list[Compon
     return result
 
 
+@dataclass
+class Node:
+    id: str
+    row: int
+    vector: np.ndarray
+    similar: list[str]  # SIMILAR targets, strongest edge first
+    conflicts: list  # [[partner id, cosine]] of its outgoing CONFLICT edges (at most k)
+
+
+class NodeCache:
+    """Nodes fetched during one walk, least recently used dropped beyond `capacity`. Consecutive steps share
+    most candidates (neighbours of neighbours), so a step fetches only the vectors it has not seen, and a
+    node's SIMILAR list comes with it: stepping from it needs no query for its neighbourhood."""
+
+    def __init__(self, read, capacity: int):
+        self.read = read
+        self.capacity = max(capacity, 1)
+        self.nodes: OrderedDict[str, Node] = OrderedDict()
+
+    def __contains__(self, node_id: str) -> bool:
+        return node_id in self.nodes
+
+    def get(self, ids: list[str], expand: list[str] = ()) -> dict[str, Node]:
+        """The named nodes, the missing ones fetched in one query, together with the SIMILAR targets of
+        `expand` (kept for later steps)."""
+        found = {}
+        for node_id in ids:
+            node = self.nodes.get(node_id)
+            if node is not None:
+                self.nodes.move_to_end(node_id)
+                found[node_id] = node
+        missing = [node_id for node_id in ids if node_id not in found]
+        if missing or expand:
+            records = self.read("walk_nodes", ids=missing, expand=list(expand))
+            wanted = set(missing)
+            for record, vector in zip(records, decode_vectors(records)):
+                node = Node(record["id"], record["row"], vector, record["similar"], record["conflicts"])
+                self.nodes[node.id] = node
+                if node.id in wanted:
+                    found[node.id] = node
+            while len(self.nodes) > self.capacity:
+                self.nodes.popitem(last=False)
+        return found
+
+
+def validation_key(records, vectors: np.ndarray) -> str:
+    """Identity of a validation set (ids and float32 vectors, in order) that node dot products refer to."""
+    digest = hashlib.sha256()
+    for record, vector in zip(records, vectors):
+        digest.update(record["id"].encode() + b"\0" + vector.astype("<f4").tobytes())
+    return digest.hexdigest()[:16]
+
+
+LOOKAHEAD = 3  # guessed next nodes whose neighbourhoods a step's query also fetches
+ROUNDING = 1e-9  # bound on float64 rounding in a scan score of unit vectors (about d * 2^-53)
+SPAN_TOLERANCE = 1e-6  # largest |K - V^T a| for which components count as lying in the validation span
+
+
 class GraphWalk:
-    """Algorithm 1 as a traversal of the Neo4j graph: one query per step (two on a fallback)."""
+    """Algorithm 1 as a traversal of the Neo4j graph, in one read transaction: one query per step at most
+    (none when every candidate was fetched before), one more per run of fallbacks."""
 
     def __init__(self, graph, space: str, config: SelectionConfig):
         self.graph = graph
         self.space = space
         self.config = config
         self.round_trips = 0
+        self.scan = ""
+        self._reader = None
 
     def _read(self, name: str, **params) -> list[dict[str, Any]]:
         self.round_trips += 1
-        return self.graph.read(name, **params)
-
-    def _vectors(self, records) -> np.ndarray:
-        return decode_vectors(records)
+        return self._reader(name, **params)
 
     def run(self, components: list[Component], progress=None) -> WalkResult:
+        with self.graph.read_transaction() as reader:
+            self._reader = reader
+            try:
+                return self._run(components, progress)
+            finally:
+                self._reader = None
+
+    def _run(self, components: list[Component], progress=None) -> WalkResult:
         started = time.perf_counter()
         config = self.config
         total = sum(c.budget for c in components)
-        dim = None
         selected: Selected | None = None
         result = WalkResult(budgets=[c.budget for c in components])
         carry = 0
-        scan_ids, scan_rows, scan_scores = self._scan(components)
+        scan_ids, scan_rows, scan_scores, scan_error = self._scan(components)
+        result.scan = self.scan
+        cache = NodeCache(self._read, config.cache_nodes)
+        expanded: set[str] = set()  # ranking entries whose neighbourhoods were asked for
         keep = total + config.rerank + 1  # enough for every anchor and fallback of the run
         for ci, comp in enumerate(components):
             k = comp.vector.astype(np.float64)
@@ -272,49 +356,53 @@ class GraphWalk:
                 result.filled.append(0)
                 continue
             order = np.lexsort((scan_rows, -scan_scores[:, ci]))[:keep]
-            ranking = [{"id": scan_ids[i], "row": int(scan_rows[i])} for i in order]
+            ranking = [scan_ids[i] for i in order]
+            ranked_scores = scan_scores[order, ci]
             component_sum = None
             members = 0
-            last: dict[str, Any] | None = None
-
+            last: Node | None = None
             cursor = 0
-            cache: dict[str, np.ndarray] = {}  # vectors of ranking entries already fetched
+            fetched_upto = 0  # ranking entries before this one were fetched once already
 
-            def unselected(entry) -> bool:
-                return selected is None or entry["id"] not in selected.id_set
+            def unselected(node_id) -> bool:
+                return selected is None or node_id not in selected.id_set
 
             def argmax_k():
-                """The exact argmax among the first `rerank` unselected ranking entries; vectors are fetched
-                once (with the next entries prefetched), so a run of fallbacks costs few queries."""
-                nonlocal cursor
+                """The exact argmax cos(z, K) over the unselected ranking entries whose scan score is within
+                twice the scan's error bound of the best one (at most `rerank`; usually one). The next few
+                entries and the neighbourhoods of all of them come in the same query: a run of fallbacks
+                visits them in turn."""
+                nonlocal cursor, fetched_upto
                 while cursor < len(ranking) and not unselected(ranking[cursor]):
                     cursor += 1
+                if cursor == len(ranking):
+                    return None
+                floor = ranked_scores[cursor] - 2 * scan_error[ci]
                 top, i = [], cursor
-                while i < len(ranking) and len(top) < config.rerank:
+                while i < len(ranking) and len(top) < config.rerank and ranked_scores[i] >= floor:
                     if unselected(ranking[i]):
                         top.append(ranking[i])
                     i += 1
-                if not top:
-                    return None
-                missing = [r["id"] for r in top if r["id"] not in cache]
-                if missing:
-                    ahead = [r["id"] for r in ranking[i:i + 3 * config.rerank] if r["id"] not in cache and unselected(r)]
-                    fetched = self._read("walk_vectors", ids=missing + ahead)
-                    cache.update(zip((r["id"] for r in fetched), self._vectors(fetched)))
-                vectors = np.stack([cache[r["id"]] for r in top])
-                best, _ = best_by_k(np.asarray([r["row"] for r in top]), vectors, k)
-                return {"id": top[best]["id"], "row": top[best]["row"], "vector": vectors[best]}
+                wanted, extra, expand = top, [], []
+                if i > fetched_upto:
+                    wanted = top + [x for x in ranking[i:i + LOOKAHEAD] if unselected(x)]
+                    fetched_upto = i + LOOKAHEAD
+                    extra, expand = self._neighbourhoods([x for x in wanted if x not in expanded], selected, cache)
+                    expanded.update(wanted)
+                nodes = cache.get(wanted + extra, expand)
+                vectors = np.stack([nodes[x].vector for x in top])
+                best, _ = best_by_k(np.asarray([nodes[x].row for x in top]), vectors, k)
+                return nodes[top[best]]
 
-            def take(node, how, edge=None, consistency=None, min_cos=None):
-                nonlocal component_sum, members, selected, dim
+            def take(node: Node, how, edge=None, consistency=None, min_cos=None):
+                nonlocal component_sum, members, selected
                 if selected is None:
-                    dim = len(node["vector"])
-                    selected = Selected(total, dim)
-                vec = node["vector"]
-                component_sum = (component_sum if component_sum is not None else np.zeros(dim)) + vec.astype(np.float64)
-                selected.add(node["id"], vec, ci)
-                result.picks.append(Pick(len(result.picks) + 1, node["id"], int(node["row"]), ci, members, how,
-                                         last["id"] if last is not None and how != "anchor" else None, edge,
+                    selected = Selected(total, len(node.vector))
+                vec = node.vector
+                component_sum = (component_sum if component_sum is not None else np.zeros(len(vec))) + vec.astype(np.float64)
+                selected.add(node.id, vec, ci, node.conflicts)
+                result.picks.append(Pick(len(result.picks) + 1, node.id, int(node.row), ci, members, how,
+                                         last.id if last is not None and how != "anchor" else None, edge,
                                          float(vec.astype(np.float64) @ k), consistency, min_cos))
                 members += 1
                 if progress is not None:
@@ -329,7 +417,7 @@ class GraphWalk:
                     last = anchor
                     continue
                 result.steps += 1
-                found = self._step(ci, members, last, selected, component_sum, k, result)
+                found = self._step(ci, members, last, selected, component_sum, k, result, cache)
                 if found is not None:
                     node, edge, ratio, min_cos = found
                     take(node, "walk", edge, ratio, min_cos)
@@ -348,44 +436,126 @@ class GraphWalk:
         result.seconds = time.perf_counter() - started
         return result
 
-    def _scan(self, components: list[Component], page: int = 2000):
-        """cos(z, K) of every node for every component, in one paged pass over the vectors (O(N) once per run;
-        Cypher's vector.similarity.cosine took 20 s for 10k nodes x 19 components, numpy on pages far less)."""
-        k32 = np.stack([c.vector for c in components]).astype(np.float32).T
+    def _scan(self, components: list[Component]):
+        """cos(z, K) of every node for every component (ids, rows, [N, C] scores), once per run.
+
+        The components lie in the span of the validation vectors V (PCA of some of them, centred or not), so
+        K = V^T a and cos(z, K) = (z . V^T) a: with each node's dot products with V stored by the build, the
+        scan reads m numbers per node instead of d. Otherwise (dots missing or stale, m >= d) it reads every
+        vector, and `self.scan` says which and why."""
+        k = np.stack([c.vector for c in components]).astype(np.float64)
+        records = self._read("validation_vectors", space=self.space, tasks=None)
+        reason = "no validation vectors"
+        if records:
+            validation = decode_vectors(records)
+            if len(validation) >= validation.shape[1]:
+                reason = f"{len(validation)} validation vectors, no fewer than the dimension"
+            else:
+                coefficients = np.linalg.lstsq(validation.T.astype(np.float64), k.T, rcond=None)[0]
+                residual = float(np.abs(validation.T.astype(np.float64) @ coefficients - k.T).max())
+                if residual > SPAN_TOLERANCE:
+                    reason = f"components outside the validation span (residual {residual:.1e})"
+                else:
+                    scanned = self._scan_dots(validation_key(records, validation), len(validation), coefficients)
+                    if isinstance(scanned, tuple):
+                        self.scan = f"validation dots ({len(validation)} per node)"
+                        error = np.linalg.norm(validation.T.astype(np.float64) @ coefficients - k.T, axis=0)
+                        return (*scanned, error + ROUNDING)
+                    reason = scanned
+        self.scan = f"full vectors ({reason})"
         ids: list[str] = []
         rows, scores = [], []
-        for records, vectors in vector_pages(self._read, self.space, page):
+        for records, vectors in vector_pages(self._read, self.space):
             ids += [r["id"] for r in records]
             rows.append(np.asarray([r["row"] for r in records]))
-            scores.append(vectors @ k32)
-        return ids, np.concatenate(rows), np.concatenate(scores).astype(np.float64)
+            scores.append(vectors.astype(np.float64) @ k.T)
+        return ids, np.concatenate(rows), np.concatenate(scores), np.full(len(components), ROUNDING)
 
-    def _step(self, ci, members, last, selected: Selected, component_sum, k, result: WalkResult):
+    def _scan_dots(self, key: str, m: int, coefficients: np.ndarray):
+        """(ids, rows, scores) from the stored dot products, or why they cannot be used."""
+        page = max(1_000, 4_000_000 // (8 * m))  # about 4 MB of dots per query
+        ids: list[str] = []
+        rows, scores = [], []
+        start = 0
+        while True:
+            (found,) = self._read("space_validation_dots", space=self.space, key=key, start=start, stop=start + page)
+            if found["n"] == 0:
+                break
+            if len(found["ids"]) < found["n"]:
+                return (f"{found['n'] - len(found['ids'])} nodes of rows {start}-{start + page - 1} have no dot "
+                        "products with the current validation set; `g2is graph build` adds them")
+            ids += found["ids"]
+            rows.append(np.asarray(found["rows"]))
+            scores.append(np.frombuffer(b"".join(found["dots"]), dtype="<f8").reshape(-1, m) @ coefficients)
+            start += page
+        if not ids:
+            return "the graph has no nodes"
+        return ids, np.concatenate(rows), np.concatenate(scores)
+
+    @staticmethod
+    def _neighbourhoods(node_ids: list[str], selected: Selected | None, cache: NodeCache) -> tuple[list[str], list[str]]:
+        """What a query must add to fetch the unselected SIMILAR targets of `node_ids`: (the unfetched targets
+        of the fetched ones, the unfetched ones themselves for the server to expand)."""
+        ids, expand = [], []
+        for node_id in node_ids:
+            if node_id not in cache:
+                expand.append(node_id)
+                continue
+            ids += [y for y in cache.nodes[node_id].similar
+                    if y not in cache and (selected is None or y not in selected.id_set)]
+        return ids, expand
+
+    @classmethod
+    def _lookahead(cls, last: Node, selected: Selected, cache: NodeCache) -> tuple[list[str], list[str]]:
+        """When a step needs a query anyway, the neighbourhoods of the nodes the walk will probably visit next
+        come with it: from the last node, follow the strongest edge to an unselected node `depth` times (the
+        first guess not fetched yet ends the chain and is expanded by the server). A right guess makes the
+        following steps need no query; a wrong one costs only transfer. Returns (ids, expand)."""
+        chain: list[str] = []
+        node = last
+        for _ in range(LOOKAHEAD):
+            guess = next((x for x in node.similar if x not in selected.id_set and x != last.id and x not in chain), None)
+            if guess is None:
+                break
+            chain.append(guess)
+            if chain[-1] not in cache:
+                break
+            node = cache.nodes[chain[-1]]
+        return cls._neighbourhoods(chain, selected, cache)
+
+    def _step(self, ci, members, last: Node, selected: Selected, component_sum, k, result: WalkResult,
+              cache: NodeCache):
         config = self.config
         scope, positions = selected.scope(None if config.conflict_scope == "all" else ci)
         scope_ids = selected.id_set if config.conflict_scope == "all" else {selected.ids[p] for p in positions}
         skip = 0
         while True:
             if config.candidates == "neighbors":
-                records = self._read("walk_candidates", last=last["id"])
-                records = [r for r in records if r["id"] not in selected.id_set]
+                pool = [x for x in last.similar if x not in selected.id_set]
+                ahead, expand = [], []
+                if not all(x in cache for x in pool):
+                    ahead, expand = self._lookahead(last, selected, cache)
+                nodes = cache.get(pool + ahead, expand)
+                records = [{"id": x, "row": nodes[x].row, "conflicts": nodes[x].conflicts} for x in pool]
+                vectors = np.stack([nodes[x].vector for x in pool]) if pool else None
             else:
-                records = self._read("walk_candidates_all", space=self.space, vector=last["vector"].tolist(),
+                records = self._read("walk_candidates_all", space=self.space, vector=last.vector.tolist(),
                                      excluded=selected.ids, skip=skip, limit=config.page)
+                nodes, vectors = None, decode_vectors(records)
             if not records:
                 return None
-            vectors = self._vectors(records)
             rows = np.asarray([r["row"] for r in records])
-            order, cos = order_by_cos(vectors, rows, last["vector"])
+            order, cos = order_by_cos(vectors, rows, last.vector)
             for pos in order:
                 record = records[pos]
-                stored = next(((x, w) for x, w in record["conflicts"] if x in scope_ids), None)
+                stored = selected.stored_conflict(record["id"], record["conflicts"], scope_ids)
                 if stored is not None:  # a stored CONFLICT edge to the scope: rejected without a dot product
                     result.rejections.append(Rejection(ci, members, record["id"], "conflict", stored[0], float(stored[1])))
                     continue
                 ok, reason, worst, value, min_cos, ratio = admit(vectors[pos], scope, component_sum, k, config.delta)
                 if ok:
-                    node = {"id": record["id"], "row": record["row"], "vector": vectors[pos]}
+                    node = nodes[record["id"]] if nodes is not None else Node(
+                        record["id"], record["row"], vectors[pos], [], record["conflicts"])
                     return node, float(cos[pos]), ratio, min_cos
                 other = selected.ids[positions[worst]] if worst is not None else None
                 result.rejections.append(Rejection(ci, members, record["id"], reason, other, value))

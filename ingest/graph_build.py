@@ -32,6 +32,7 @@ from g2is_graph.graph import Graph, GraphError
 from g2is_graph.knn import HnswIndex, HnswSettings, Neighbors, exact_topk, measure_recall
 from g2is_graph.space import FeatureSpace, check_in_space, combined_features, open_stores, space_of
 from g2is_graph.store import FeatureStore, StoreError
+from g2is_graph.walk import decode_vectors, validation_key
 
 STATE_FORMAT = "g2is-graph-state-v1"
 # settings that shape the edges: a state built with other values cannot be extended
@@ -52,6 +53,7 @@ class BuildResult:
     write_rates: dict[str, float] = field(default_factory=dict)
     up_to_date: bool = False
     n_validation: int = 0
+    n_dots: int = 0  # nodes given dot products with the validation vectors
 
     def summary(self) -> str:
         if self.up_to_date:
@@ -66,6 +68,8 @@ class BuildResult:
             parts.append(", ".join(f"{k} {v:,.0f}/s" for k, v in self.write_rates.items()))
         if self.n_validation:
             parts.append(f"{self.n_validation} validation examples")
+        if self.n_dots:
+            parts.append(f"validation dot products for {self.n_dots} nodes")
         return "; ".join(parts)
 
 
@@ -254,7 +258,11 @@ def build_graph(graph: Graph, train_stores: Sequence[str | Path], config: GraphC
         _write(graph, state, space, recorded, config, result, progress)
     if validation_stores:
         result.n_validation = write_validation(graph, space, validation_stores, config, progress)
-    result.up_to_date = in_sync and not validation_stores
+    t0 = time.perf_counter()
+    result.n_dots = write_validation_dots(graph, state, space, config, progress)
+    if result.n_dots:
+        result.seconds["validation_dots"] = time.perf_counter() - t0
+    result.up_to_date = in_sync and not validation_stores and not result.n_dots
     return result
 
 
@@ -361,3 +369,41 @@ def write_validation(graph: Graph, space: FeatureSpace, validation_stores: Seque
     _timed_write(graph, "upsert_validation", iter(payload), len(payload), config.node_batch, "example", progress,
                  space=space.id)
     return len(payload)
+
+
+def write_validation_dots(graph: Graph, state: GraphState, space: FeatureSpace, config: GraphConfig,
+                          progress: bool, chunk: int = 4096) -> int:
+    """Each node's dot products with every validation vector, for the nodes that lack current ones.
+
+    The walk's anchor and fallback ranking needs cos(z, K) of every node for every component; the
+    components lie in the validation span, so these m numbers per node replace reading d floats (the
+    walk checks the span and says when it cannot use them). Returns how many nodes were written."""
+    records = graph.read("validation_vectors", space=space.id, tasks=None)
+    if not records:
+        return 0
+    validation = decode_vectors(records)
+    if len(validation) >= validation.shape[1]:
+        return 0  # no smaller than the vectors themselves: the walk scans vectors and says so
+    key = validation_key(records, validation)
+    (missing,) = graph.read("validation_dots_missing", space=space.id, key=key)
+    if not missing["ids"]:
+        return 0
+    row_of = {node_id: row for row, node_id in enumerate(state.data["ids"])}
+    unknown = [node_id for node_id in missing["ids"] if node_id not in row_of]
+    if unknown:
+        raise GraphError(f"node {unknown[0]} (and {len(unknown) - 1} more) is in the database but not in the graph "
+                         f"state {state.dir}; build with the state directory this graph was built with")
+    rows = sorted(row_of[node_id] for node_id in missing["ids"])
+    vectors = state.vectors()
+    basis = validation.astype(np.float64).T
+    ids = state.data["ids"]
+
+    def payload():
+        for start in range(0, len(rows), chunk):
+            part = rows[start:start + chunk]
+            dots = vectors[part].astype(np.float64) @ basis
+            for r, row_dots in zip(part, dots):
+                yield {"id": ids[r], "dots": row_dots.astype("<f8").tobytes()}
+
+    _timed_write(graph, "set_validation_dots", payload(), len(rows), config.edge_batch, "node", progress, key=key)
+    return len(rows)

@@ -12,7 +12,7 @@ from g2is_graph.config import GraphConfig, SelectionConfig
 from g2is_graph.knowledge import core_knowledge
 from g2is_graph.selection import reference_for_graph, select
 from g2is_graph.synthetic import clustered_vectors, synthetic_rows, synthetic_store
-from g2is_graph.walk import reference_walk
+from g2is_graph.walk import decode_vectors, reference_walk
 from ingest.graph_build import build_graph
 
 OPTION_SETS = [
@@ -95,3 +95,44 @@ def test_official_fallback_under_fills_and_reports_it(graph, tmp_path):
     assert any("under-filled" in m for m in messages)
     stored = graph.read("run_get", id=run.id)[0]["run"]
     assert stored["status"] == "complete" and stored["shortfall"] == run.walk.shortfall
+
+
+def test_anchor_ranking_reads_validation_dots_and_says_when_it_cannot(graph, tmp_path):
+    make_graph(graph, tmp_path, 7, n=60, k=6)
+    config = SelectionConfig(n_select=15)
+    fast = select(graph, config, None, progress=False, echo=lambda m: None)
+    assert fast.walk.scan == "validation dots (6 per node)"
+    assert graph.read("run_get", id=fast.id)[0]["run"]["scan"] == fast.walk.scan
+
+    space = graph.read("feature_space")[0]["id"]
+    validation = decode_vectors(graph.read("validation_vectors", space=space, tasks=None)).astype(np.float64)
+    (node,) = graph._run_auto("MATCH (z:Sample {row: 3}) RETURN z.gradient_f32 AS g, z.validation_dots AS d")
+    stored = np.frombuffer(node["d"], dtype="<f8")
+    np.testing.assert_allclose(stored, validation @ np.frombuffer(node["g"], dtype="<f4"), rtol=1e-12)
+
+    graph._run_auto("MATCH (z:Sample {row: 3}) REMOVE z.validation_key, z.validation_dots")
+    slow = select(graph, config, None, progress=False, echo=lambda m: None)
+    assert slow.walk.scan.startswith("full vectors (1 nodes of rows 0-") and "g2is graph build" in slow.walk.scan
+    assert picks_of(slow.walk) == picks_of(fast.walk)
+
+    rebuilt = build_graph(graph, [tmp_path / "train7" / "c"], GraphConfig(k=6, exact=True, device="cpu"),
+                          tmp_path / "state7", progress=False)
+    assert rebuilt.n_dots == 1 and not rebuilt.up_to_date
+    assert build_graph(graph, [tmp_path / "train7" / "c"], GraphConfig(k=6, exact=True, device="cpu"),
+                       tmp_path / "state7", progress=False).up_to_date
+    assert select(graph, config, None, progress=False, echo=lambda m: None).walk.scan.startswith("validation dots")
+
+
+def test_as_many_validation_vectors_as_dimensions_scans_full_vectors(graph, tmp_path):
+    make_graph(graph, tmp_path, 8, n=30, dim=5, k=4)
+    run = select(graph, SelectionConfig(n_select=6), None, progress=False, echo=lambda m: None)
+    assert run.walk.scan == "full vectors (6 validation vectors, no fewer than the dimension)"
+    assert picks_of(run.walk) == picks_of(reference_for_graph(graph, SelectionConfig(n_select=6)))
+
+
+def test_a_one_node_cache_selects_the_same_samples_with_more_queries(graph, tmp_path):
+    make_graph(graph, tmp_path, 9, n=60, k=6)
+    default = select(graph, SelectionConfig(n_select=15), None, progress=False, echo=lambda m: None)
+    tiny = select(graph, SelectionConfig(n_select=15, cache_nodes=1), None, progress=False, echo=lambda m: None)
+    assert picks_of(tiny.walk) == picks_of(default.walk)
+    assert tiny.walk.round_trips > default.walk.round_trips
