@@ -6,4 +6,4 @@ WITH z, vector.similarity.cosine(z.gradient, $vector) AS score
 ORDER BY score DESC, z.row ASC
 SKIP $skip LIMIT $limit
 RETURN z.id AS id, z.row AS row, score AS weight, z.gradient_f32 AS gradient,
-       [(z)-[c:CONFLICT]->(x:Sample) | [x.id, c.weight]] AS conflicts
+       [(z)-[:CONFLICT]->(x:Sample) | x.id] AS conflicts

@@ -83,27 +83,29 @@ class Selected:
         self.ids: list[str] = []
         self.id_set: set[str] = set()
         self.component_of: list[int] = []
-        self.conflicted: dict[str, list[tuple[str, float]]] = {}  # node -> selected nodes with a CONFLICT edge to it
+        self.position: dict[str, int] = {}
+        self.conflicted: dict[str, list[str]] = {}  # node -> selected nodes with a CONFLICT edge to it
 
     def add(self, node_id: str, vector: np.ndarray, component: int, conflicts=()) -> None:
         if len(self.ids) == len(self.vectors):
             self.vectors = np.concatenate([self.vectors, np.empty_like(self.vectors)])
         self.vectors[len(self.ids)] = vector
+        self.position[node_id] = len(self.ids)
         self.ids.append(node_id)
         self.id_set.add(node_id)
         self.component_of.append(component)
-        for partner, weight in conflicts:
-            self.conflicted.setdefault(partner, []).append((node_id, weight))
+        for partner in conflicts:
+            self.conflicted.setdefault(partner, []).append(node_id)
 
-    def stored_conflict(self, candidate_id: str, candidate_conflicts, scope_ids) -> tuple[str, float] | None:
-        """A stored CONFLICT edge between the candidate and the scope, either way round, or None."""
-        for partner, weight in candidate_conflicts:
+    def stored_conflict(self, candidate_id: str, candidate_conflicts, scope_ids) -> str | None:
+        """A selected node in the scope joined to the candidate by a stored CONFLICT edge (either way round)."""
+        for partner in candidate_conflicts:
             if partner in scope_ids:
-                return partner, weight
-        for selected_id, weight in self.conflicted.get(candidate_id, ()):
-            if selected_id in scope_ids:
-                return selected_id, weight
-        return None
+                return partner
+        return next((s for s in self.conflicted.get(candidate_id, ()) if s in scope_ids), None)
+
+    def cos(self, node_id: str, vector: np.ndarray) -> float:
+        return float(self.vectors[self.position[node_id]] @ vector.astype(np.float32))
 
     def scope(self, component: int | None) -> tuple[np.ndarray, list[int]]:
         """Vectors (and positions) of all selected nodes, or of one component's."""
@@ -261,7 +263,7 @@ class Node:
     row: int
     vector: np.ndarray
     similar: list[str]  # SIMILAR targets, strongest edge first
-    conflicts: list  # [[partner id, cosine]] of its outgoing CONFLICT edges (at most k)
+    conflicts: list[str]  # targets of its outgoing CONFLICT edges (at most k)
 
 
 class NodeCache:
@@ -549,8 +551,9 @@ class GraphWalk:
             for pos in order:
                 record = records[pos]
                 stored = selected.stored_conflict(record["id"], record["conflicts"], scope_ids)
-                if stored is not None:  # a stored CONFLICT edge to the scope: rejected without a dot product
-                    result.rejections.append(Rejection(ci, members, record["id"], "conflict", stored[0], float(stored[1])))
+                if stored is not None:  # a stored CONFLICT edge to the scope: rejected without the scope's products
+                    result.rejections.append(Rejection(ci, members, record["id"], "conflict", stored,
+                                                       selected.cos(stored, vectors[pos])))
                     continue
                 ok, reason, worst, value, min_cos, ratio = admit(vectors[pos], scope, component_sum, k, config.delta)
                 if ok:

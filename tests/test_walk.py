@@ -12,7 +12,7 @@ from g2is_graph.config import GraphConfig, SelectionConfig
 from g2is_graph.knowledge import core_knowledge
 from g2is_graph.selection import reference_for_graph, select
 from g2is_graph.synthetic import clustered_vectors, synthetic_rows, synthetic_store
-from g2is_graph.walk import decode_vectors, reference_walk
+from g2is_graph.walk import Selected, decode_vectors, reference_walk
 from ingest.graph_build import build_graph
 
 OPTION_SETS = [
@@ -136,3 +136,13 @@ def test_a_one_node_cache_selects_the_same_samples_with_more_queries(graph, tmp_
     tiny = select(graph, SelectionConfig(n_select=15, cache_nodes=1), None, progress=False, echo=lambda m: None)
     assert picks_of(tiny.walk) == picks_of(default.walk)
     assert tiny.walk.round_trips > default.walk.round_trips
+
+
+def test_a_stored_conflict_is_found_from_either_end():
+    """Nodes arrive with their outgoing CONFLICT edges only; the selected nodes' lists cover the other way."""
+    selected = Selected(4, 2)
+    selected.add("a", np.asarray([1.0, 0.0], dtype=np.float32), 0, ["x"])
+    assert selected.stored_conflict("x", [], {"a"}) == "a"
+    assert selected.stored_conflict("y", ["a"], {"a"}) == "a"
+    assert selected.stored_conflict("x", [], {"b"}) is None
+    assert selected.cos("a", np.asarray([-0.6, 0.8])) == pytest.approx(-0.6)
