@@ -169,3 +169,30 @@ def test_checkpoints_combine_into_the_weighted_cosine_and_validation_nodes_are_w
     with pytest.raises(StoreError, match="sgd"):
         build_graph(graph, [s1.path, s2.path], config, tmp_path / "state", validation_stores=[s1.path, s2.path],
                     progress=False)
+
+
+def test_validation_dot_products_follow_new_nodes_and_a_new_validation_set(graph, tmp_path):
+    """The walk ranks anchors from these: each build writes them for exactly the nodes that lack current ones."""
+    vectors = clustered_vectors(50, 32, clusters=5, seed=6)
+    rows = synthetic_rows(50)
+    first_val = synthetic_store(tmp_path / "val1" / "ckpt", vectors[:3] + 0.1, synthetic_rows(3, prefix="v", task="t"),
+                                kind="sgd")
+    part = lambda a, b: synthetic_store(tmp_path / f"part{a}" / "ckpt", vectors[a:b], rows[a:b]).path  # noqa: E731
+    first = build_graph(graph, [part(0, 40)], EXACT, tmp_path / "state", validation_stores=[first_val.path],
+                        progress=False)
+    assert first.n_dots == 40
+    grown = build_graph(graph, [part(40, 50)], EXACT, tmp_path / "state", progress=False)
+    assert grown.n_new == 10 and grown.n_dots == 10
+    more_val = synthetic_store(tmp_path / "val2" / "ckpt", vectors[10:12], synthetic_rows(2, prefix="w", task="u"),
+                               kind="sgd")
+    again = build_graph(graph, [part(40, 50)], EXACT, tmp_path / "state", validation_stores=[more_val.path],
+                        progress=False)
+    assert again.n_new == 0 and again.n_dots == 50  # another validation set: every node's dots change
+
+    validation = graph.read("validation_vectors", space=again.space_id, tasks=None)
+    basis = np.stack([np.frombuffer(v["gradient"], dtype="<f4") for v in validation]).astype(np.float64)
+    stored = graph._run_auto("MATCH (s:Sample) RETURN s.gradient_f32 AS vector, s.validation_dots AS dots ORDER BY s.row")
+    dots = np.stack([np.frombuffer(r["dots"], dtype="<f8") for r in stored])
+    nodes = np.stack([np.frombuffer(r["vector"], dtype="<f4") for r in stored]).astype(np.float64)
+    assert dots.shape == (50, 5)
+    np.testing.assert_allclose(dots, nodes @ basis.T, rtol=1e-12, atol=1e-15)
