@@ -155,9 +155,8 @@ class Graph:
 
     @contextmanager
     def read_transaction(self) -> Iterator[Callable[..., list[dict[str, Any]]]]:
-        """A `read(name, **params)` bound to one read transaction: one network round trip per statement
-        (a session and a managed transaction cost three more) and one consistent snapshot for a whole
-        traversal. Not retried: a failure ends the traversal with GraphError/GraphUnavailable."""
+        """A `read(name, **params)` bound to one read transaction: no session or BEGIN/COMMIT per statement,
+        and one consistent snapshot for a whole traversal. Not retried: a failure ends the traversal with GraphError/GraphUnavailable."""
         from neo4j import READ_ACCESS
 
         session = self._guard(self._driver.session, database=self.database, default_access_mode=READ_ACCESS)

@@ -310,6 +310,19 @@ def validation_key(records, vectors: np.ndarray) -> str:
     return digest.hexdigest()[:16]
 
 
+def validation_basis(read, space: str) -> tuple[np.ndarray | None, str]:
+    """The validation vectors [m, d] that node dot products are taken with (in `validation_vectors` order)
+    and their key; (None, why not) when there are none or m dot products would be no fewer than d floats.
+    The build writes the dots and the walk reads them through this one definition."""
+    records = read("validation_vectors", space=space, tasks=None)
+    if not records:
+        return None, "no validation vectors"
+    vectors = decode_vectors(records)
+    if len(vectors) >= vectors.shape[1]:
+        return None, f"{len(vectors)} validation vectors, no fewer than the dimension"
+    return vectors, validation_key(records, vectors)
+
+
 LOOKAHEAD = 3  # guessed next nodes whose neighbourhoods a step's query also fetches
 ROUNDING = 1e-9  # bound on float64 rounding in a scan score of unit vectors (about d * 2^-53)
 SPAN_TOLERANCE = 1e-6  # largest |K - V^T a| for which components count as lying in the validation span
@@ -324,7 +337,6 @@ class GraphWalk:
         self.space = space
         self.config = config
         self.round_trips = 0
-        self.scan = ""
         self._reader = None
 
     def _read(self, name: str, **params) -> list[dict[str, Any]]:
@@ -346,8 +358,7 @@ class GraphWalk:
         selected: Selected | None = None
         result = WalkResult(budgets=[c.budget for c in components])
         carry = 0
-        scan_ids, scan_rows, scan_scores, scan_error = self._scan(components)
-        result.scan = self.scan
+        scan_ids, scan_rows, scan_scores, scan_error, result.scan = self._scan(components)
         cache = NodeCache(self._read, config.cache_nodes)
         expanded: set[str] = set()  # ranking entries whose neighbourhoods were asked for
         keep = total + config.rerank + 1  # enough for every anchor and fallback of the run
@@ -439,42 +450,37 @@ class GraphWalk:
         return result
 
     def _scan(self, components: list[Component]):
-        """cos(z, K) of every node for every component (ids, rows, [N, C] scores), once per run.
+        """cos(z, K) of every node for every component, once per run: (ids, rows, [N, C] scores, per-component
+        error bound, how they were obtained).
 
         The components lie in the span of the validation vectors V (PCA of some of them, centred or not), so
         K = V^T a and cos(z, K) = (z . V^T) a: with each node's dot products with V stored by the build, the
         scan reads m numbers per node instead of d. Otherwise (dots missing or stale, m >= d) it reads every
-        vector, and `self.scan` says which and why."""
+        vector, and the description says so and why."""
         k = np.stack([c.vector for c in components]).astype(np.float64)
-        records = self._read("validation_vectors", space=self.space, tasks=None)
-        reason = "no validation vectors"
-        if records:
-            validation = decode_vectors(records)
-            if len(validation) >= validation.shape[1]:
-                reason = f"{len(validation)} validation vectors, no fewer than the dimension"
-            else:
-                coefficients = np.linalg.lstsq(validation.T.astype(np.float64), k.T, rcond=None)[0]
-                residual = float(np.abs(validation.T.astype(np.float64) @ coefficients - k.T).max())
-                if residual > SPAN_TOLERANCE:
-                    reason = f"components outside the validation span (residual {residual:.1e})"
-                else:
-                    scanned = self._scan_dots(validation_key(records, validation), len(validation), coefficients)
-                    if isinstance(scanned, tuple):
-                        self.scan = f"validation dots ({len(validation)} per node)"
-                        error = np.linalg.norm(validation.T.astype(np.float64) @ coefficients - k.T, axis=0)
-                        return (*scanned, error + ROUNDING)
-                    reason = scanned
-        self.scan = f"full vectors ({reason})"
+        scanned, reason = self._scan_dots(k)
+        if scanned is not None:
+            return scanned
         ids: list[str] = []
         rows, scores = [], []
         for records, vectors in vector_pages(self._read, self.space):
             ids += [r["id"] for r in records]
             rows.append(np.asarray([r["row"] for r in records]))
             scores.append(vectors.astype(np.float64) @ k.T)
-        return ids, np.concatenate(rows), np.concatenate(scores), np.full(len(components), ROUNDING)
+        return (ids, np.concatenate(rows), np.concatenate(scores), np.full(len(components), ROUNDING),
+                f"full vectors ({reason})")
 
-    def _scan_dots(self, key: str, m: int, coefficients: np.ndarray):
-        """(ids, rows, scores) from the stored dot products, or why they cannot be used."""
+    def _scan_dots(self, k: np.ndarray):
+        """The scan from the stored dot products, or (None, why they cannot be used)."""
+        validation, key = validation_basis(self._read, self.space)
+        if validation is None:
+            return None, key
+        basis = validation.T.astype(np.float64)
+        coefficients = np.linalg.lstsq(basis, k.T, rcond=None)[0]
+        misfit = basis @ coefficients - k.T
+        if np.abs(misfit).max() > SPAN_TOLERANCE:
+            return None, f"components outside the validation span (residual {np.abs(misfit).max():.1e})"
+        m = len(validation)
         page = max(1_000, 4_000_000 // (8 * m))  # about 4 MB of dots per query
         ids: list[str] = []
         rows, scores = [], []
@@ -484,15 +490,16 @@ class GraphWalk:
             if found["n"] == 0:
                 break
             if len(found["ids"]) < found["n"]:
-                return (f"{found['n'] - len(found['ids'])} nodes of rows {start}-{start + page - 1} have no dot "
-                        "products with the current validation set; `g2is graph build` adds them")
+                return None, (f"{found['n'] - len(found['ids'])} nodes of rows {start}-{start + page - 1} have no dot "
+                              "products with the current validation set; `g2is graph build` adds them")
             ids += found["ids"]
             rows.append(np.asarray(found["rows"]))
             scores.append(np.frombuffer(b"".join(found["dots"]), dtype="<f8").reshape(-1, m) @ coefficients)
             start += page
         if not ids:
-            return "the graph has no nodes"
-        return ids, np.concatenate(rows), np.concatenate(scores)
+            return None, "the graph has no nodes"
+        error = np.linalg.norm(misfit, axis=0) + ROUNDING
+        return (ids, np.concatenate(rows), np.concatenate(scores), error, f"validation dots ({m} per node)"), ""
 
     @staticmethod
     def _neighbourhoods(node_ids: list[str], selected: Selected | None, cache: NodeCache) -> tuple[list[str], list[str]]:
@@ -510,8 +517,8 @@ class GraphWalk:
     @classmethod
     def _lookahead(cls, last: Node, selected: Selected, cache: NodeCache) -> tuple[list[str], list[str]]:
         """When a step needs a query anyway, the neighbourhoods of the nodes the walk will probably visit next
-        come with it: from the last node, follow the strongest edge to an unselected node `depth` times (the
-        first guess not fetched yet ends the chain and is expanded by the server). A right guess makes the
+        come with it: from the last node, follow the strongest edge to an unselected node LOOKAHEAD times
+        (the first guess not fetched yet ends the chain and is expanded by the server). A right guess makes the
         following steps need no query; a wrong one costs only transfer. Returns (ids, expand)."""
         chain: list[str] = []
         node = last
@@ -520,9 +527,9 @@ class GraphWalk:
             if guess is None:
                 break
             chain.append(guess)
-            if chain[-1] not in cache:
+            if guess not in cache:
                 break
-            node = cache.nodes[chain[-1]]
+            node = cache.nodes[guess]
         return cls._neighbourhoods(chain, selected, cache)
 
     def _step(self, ci, members, last: Node, selected: Selected, component_sum, k, result: WalkResult,
@@ -537,31 +544,28 @@ class GraphWalk:
                 ahead, expand = [], []
                 if not all(x in cache for x in pool):
                     ahead, expand = self._lookahead(last, selected, cache)
-                nodes = cache.get(pool + ahead, expand)
-                records = [{"id": x, "row": nodes[x].row, "conflicts": nodes[x].conflicts} for x in pool]
-                vectors = np.stack([nodes[x].vector for x in pool]) if pool else None
+                fetched = cache.get(pool + ahead, expand)
+                candidates = [fetched[x] for x in pool]
             else:
                 records = self._read("walk_candidates_all", space=self.space, vector=last.vector.tolist(),
                                      excluded=selected.ids, skip=skip, limit=config.page)
-                nodes, vectors = None, decode_vectors(records)
-            if not records:
+                candidates = [Node(r["id"], r["row"], vector, [], r["conflicts"])
+                              for r, vector in zip(records, decode_vectors(records))]
+            if not candidates:
                 return None
-            rows = np.asarray([r["row"] for r in records])
-            order, cos = order_by_cos(vectors, rows, last.vector)
+            vectors = np.stack([z.vector for z in candidates])
+            order, cos = order_by_cos(vectors, np.asarray([z.row for z in candidates]), last.vector)
             for pos in order:
-                record = records[pos]
-                stored = selected.stored_conflict(record["id"], record["conflicts"], scope_ids)
+                z = candidates[pos]
+                stored = selected.stored_conflict(z.id, z.conflicts, scope_ids)
                 if stored is not None:  # a stored CONFLICT edge to the scope: rejected without the scope's products
-                    result.rejections.append(Rejection(ci, members, record["id"], "conflict", stored,
-                                                       selected.cos(stored, vectors[pos])))
+                    result.rejections.append(Rejection(ci, members, z.id, "conflict", stored, selected.cos(stored, z.vector)))
                     continue
-                ok, reason, worst, value, min_cos, ratio = admit(vectors[pos], scope, component_sum, k, config.delta)
+                ok, reason, worst, value, min_cos, ratio = admit(z.vector, scope, component_sum, k, config.delta)
                 if ok:
-                    node = nodes[record["id"]] if nodes is not None else Node(
-                        record["id"], record["row"], vectors[pos], [], record["conflicts"])
-                    return node, float(cos[pos]), ratio, min_cos
+                    return z, float(cos[pos]), ratio, min_cos
                 other = selected.ids[positions[worst]] if worst is not None else None
-                result.rejections.append(Rejection(ci, members, record["id"], reason, other, value))
+                result.rejections.append(Rejection(ci, members, z.id, reason, other, value))
             if config.candidates == "neighbors":
                 return None
             skip += config.page

@@ -32,7 +32,7 @@ from g2is_graph.graph import Graph, GraphError
 from g2is_graph.knn import HnswIndex, HnswSettings, Neighbors, exact_topk, measure_recall
 from g2is_graph.space import FeatureSpace, check_in_space, combined_features, open_stores, space_of
 from g2is_graph.store import FeatureStore, StoreError
-from g2is_graph.walk import decode_vectors, validation_key
+from g2is_graph.walk import validation_basis
 
 STATE_FORMAT = "g2is-graph-state-v1"
 # settings that shape the edges: a state built with other values cannot be extended
@@ -378,13 +378,9 @@ def write_validation_dots(graph: Graph, state: GraphState, space: FeatureSpace, 
     The walk's anchor and fallback ranking needs cos(z, K) of every node for every component; the
     components lie in the validation span, so these m numbers per node replace reading d floats (the
     walk checks the span and says when it cannot use them). Returns how many nodes were written."""
-    records = graph.read("validation_vectors", space=space.id, tasks=None)
-    if not records:
-        return 0
-    validation = decode_vectors(records)
-    if len(validation) >= validation.shape[1]:
-        return 0  # no smaller than the vectors themselves: the walk scans vectors and says so
-    key = validation_key(records, validation)
+    validation, key = validation_basis(graph.read, space.id)
+    if validation is None:
+        return 0  # the walk scans vectors and says why
     (missing,) = graph.read("validation_dots_missing", space=space.id, key=key)
     if not missing["ids"]:
         return 0
