@@ -19,8 +19,7 @@ from .config import ConfigError, SelectionConfig
 from .data import _parse_line
 from .graph import Graph
 from .knowledge import components_for_tasks
-from .selection import (RunResult, less_scores, n_to_select, original_lines, record_run, space_info, start_run,
-                        top_scored)
+from .selection import RunResult, less_picks, n_to_select, original_lines, record_run, space_info, start_run
 from .walk import reference_walk
 
 
@@ -64,7 +63,7 @@ def select_by_embedding(graph: Graph, config: SelectionConfig, out_root: str | P
     ids = [r["id"] for r in nodes]
     components = []
     if config.method == "embedding":
-        picks = top_scored(less_scores(train, val, [r["subtask"] or r["task"] for r in validation]), ids, n)
+        picks = less_picks(train, val, [r["subtask"] or r["task"] for r in validation], ids, n)
     elif config.method == "no-gradient":
         components = components_for_tasks(val, [r["task"] for r in validation], n, config.tau, config.centered,
                                           config.orient, config.multi_task)

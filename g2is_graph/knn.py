@@ -17,16 +17,18 @@ import numpy as np
 import torch
 
 from .model import pick_device
+from .numerics import exact_dots, float32_dot_error
 
 
 @dataclass(frozen=True)
 class Neighbors:
-    """Row-aligned neighbour lists: indices into the feature matrix and raw cosines, best first."""
+    """Row-aligned neighbour lists: indices into the feature matrix and exact cosines, best first (equal
+    cosines in key order)."""
 
     similar_index: np.ndarray  # [N, k] int64
-    similar_weight: np.ndarray  # [N, k] float32, descending
+    similar_weight: np.ndarray  # [N, k] float64 exact cosines (numerics.exact_dots), descending
     conflict_index: np.ndarray  # [N, k] int64
-    conflict_weight: np.ndarray  # [N, k] float32, ascending (most negative first)
+    conflict_weight: np.ndarray  # [N, k] float64, ascending (most negative first)
 
     def save(self, path: Path) -> None:
         np.savez(path, **{f: getattr(self, f) for f in self.__dataclass_fields__})
@@ -37,17 +39,33 @@ class Neighbors:
             return cls(**{f: data[f] for f in cls.__dataclass_fields__})
 
 
+MARGIN = 8  # candidates kept beyond k from the float32 search, re-scored exactly
+
+
 def exact_topk(queries: np.ndarray, base: np.ndarray, k: int, exclude: np.ndarray | None = None,
-               block: int = 2048, device: str = "auto") -> Neighbors:
-    """Both neighbour lists by blocked matrix products (unit-norm rows); `exclude[i]` is query i's own row."""
+               block: int = 2048, device: str = "auto", keys: np.ndarray | None = None) -> Neighbors:
+    """Both neighbour lists of unit-norm rows, exact: `exclude[i]` is query i's own row, `keys[j]` orders
+    base rows of equal cosine (default: row number).
+
+    A blocked float32 product on `device` finds k + MARGIN candidates per list; their cosines are then
+    computed by `numerics.exact_dots`, and any row whose k-th exact value lies within the float32 product's
+    rounding bound of the candidates it did not keep re-scores every base row inside that band. Weights
+    and order are then the same for any blocking, BLAS, CPU or device: a graph built in parts equals
+    one built at once."""
     dev = torch.device(pick_device(device))
-    base_t = torch.from_numpy(np.ascontiguousarray(base, dtype=np.float32)).to(dev)
+    base = np.ascontiguousarray(base, dtype=np.float32)
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    keys = np.arange(len(base)) if keys is None else np.asarray(keys)
+    base_t = torch.from_numpy(base).to(dev)
     k = min(k, base.shape[0] - (1 if exclude is not None else 0))
-    out = [np.empty((len(queries), k), dtype=np.int64), np.empty((len(queries), k), dtype=np.float32),
-           np.empty((len(queries), k), dtype=np.int64), np.empty((len(queries), k), dtype=np.float32)]
+    wanted = min(k + MARGIN, base.shape[0] - (1 if exclude is not None else 0))
+    error = float32_dot_error(base.shape[1], float(np.linalg.norm(base, axis=1).max(initial=0.0)) * 1.0001)
+    out = [np.empty((len(queries), k), dtype=np.int64), np.empty((len(queries), k), dtype=np.float64),
+           np.empty((len(queries), k), dtype=np.int64), np.empty((len(queries), k), dtype=np.float64)]
     for start in range(0, len(queries), block):
-        q = torch.from_numpy(np.ascontiguousarray(queries[start:start + block], dtype=np.float32)).to(dev)
-        sims = q @ base_t.T
+        q_np = queries[start:start + block]
+        q = torch.from_numpy(q_np).to(dev)
+        sims = float32_cosines(q, base_t)
         if exclude is not None:
             rows = torch.arange(len(q), device=dev)
             own = torch.from_numpy(exclude[start:start + block]).to(dev)
@@ -56,12 +74,50 @@ def exact_topk(queries: np.ndarray, base: np.ndarray, k: int, exclude: np.ndarra
             sims[rows, own] = torch.inf
         else:
             sims_pos = sims
-        top = torch.topk(sims_pos, k, dim=1, largest=True, sorted=True)
-        bottom = torch.topk(sims, k, dim=1, largest=False, sorted=True)
+        q_error = error * np.linalg.norm(q_np, axis=1) * 1.0001
         stop = start + len(q)
-        out[0][start:stop], out[1][start:stop] = top.indices.cpu().numpy(), top.values.cpu().numpy()
-        out[2][start:stop], out[3][start:stop] = bottom.indices.cpu().numpy(), bottom.values.cpu().numpy()
+        for pos, (scores, largest) in enumerate(((sims_pos, True), (sims, False))):
+            found = torch.topk(scores, wanted, dim=1, largest=largest, sorted=True)
+            index, weight = _exact_best(q_np, base, found.indices.cpu().numpy(), k, largest, keys)
+            if wanted < scores.shape[1] - (1 if exclude is not None else 0):
+                _widen(q_np, base, scores, found.values[:, -1].cpu().numpy(), q_error, index, weight, k, largest,
+                       keys)
+            out[2 * pos][start:stop], out[2 * pos + 1][start:stop] = index, weight
     return Neighbors(*out)
+
+
+def float32_cosines(queries: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """The filter's blocked float32 product; its error bound assumes true float32 (no TF32 or bf16 passes)."""
+    saved = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        return queries @ base.T
+    finally:
+        torch.set_float32_matmul_precision(saved)
+
+
+def _exact_best(queries: np.ndarray, base: np.ndarray, candidates: np.ndarray, k: int, largest: bool,
+                keys: np.ndarray, own: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The best k of each row's candidates by exact cosine, ties by key; `own[i]` is never kept."""
+    exact = exact_dots(base[candidates], queries[:, None, :])
+    if own is not None:
+        exact[candidates == own[:, None]] = -np.inf if largest else np.inf
+    order = np.lexsort((keys[candidates], -exact if largest else exact), axis=-1)[:, :k]
+    return np.take_along_axis(candidates, order, 1), np.take_along_axis(exact, order, 1)
+
+
+def _widen(queries, base, scores, last_kept, q_error, index, weight, k, largest, keys, columns=None) -> None:
+    """Rows where a candidate the float32 filter did not keep could still reach the exact top k (its float32
+    cosine is within the rounding bound of the k-th exact one): re-score every candidate inside the band.
+    `scores[i, c]` is the float32 cosine of query i and base row `columns[i, c]` (row c when None)."""
+    kth = weight[:, -1]
+    unsafe = last_kept + q_error >= kth if largest else last_kept - q_error <= kth
+    for i in np.flatnonzero(unsafe):
+        row = scores[i]
+        band = row >= kth[i] - q_error[i] if largest else row <= kth[i] + q_error[i]
+        inside = torch.nonzero(band).flatten().cpu().numpy()
+        candidates = (inside if columns is None else columns[i][inside])[None, :]
+        index[i], weight[i] = (a[0] for a in _exact_best(queries[i:i + 1], base, candidates, k, largest, keys))
 
 
 @dataclass(frozen=True)
@@ -130,9 +186,11 @@ class HnswIndex:
         self.index.add_items(self._reduce(features), np.arange(first_row, first_row + len(features)),
                              num_threads=self._threads)
 
-    def query(self, queries: np.ndarray, base: np.ndarray, rows: np.ndarray | None, k: int) -> Neighbors:
+    def query(self, queries: np.ndarray, base: np.ndarray, rows: np.ndarray | None, k: int,
+              keys: np.ndarray | None = None) -> Neighbors:
         """Neighbour lists of `queries` against everything indexed (`base`, row-labelled); `rows[i]` is
-        query i's own row, excluded from its lists, or None when the queries are not in the index."""
+        query i's own row, excluded from its lists, or None when the queries are not in the index. The
+        candidates hnswlib finds are ranked by exact cosine, ties by `keys` (as `exact_topk` ranks)."""
         if rows is None:
             rows = np.full(len(queries), -1, dtype=np.int64)
             k = min(k, self.count)
@@ -146,27 +204,39 @@ class HnswIndex:
         candidates = max(k + 1, min(self.count, s.negative_candidates))
         self.index.set_ef(max(s.ef_negative, candidates))
         neg_labels, _ = self.index.knn_query(-reduced, k=candidates, num_threads=self._threads)
-        out = [np.empty((len(queries), k), dtype=np.int64), np.empty((len(queries), k), dtype=np.float32),
-               np.empty((len(queries), k), dtype=np.int64), np.empty((len(queries), k), dtype=np.float32)]
-        for pos, (found, descending) in enumerate(((labels, True), (neg_labels, False))):
-            _rerank(queries, base, rows, found.astype(np.int64), k, descending, out[2 * pos], out[2 * pos + 1])
+        out = []
+        for found, largest in ((labels, True), (neg_labels, False)):
+            out += _rerank(queries, base, rows, found.astype(np.int64), k, largest, keys)
         return Neighbors(*out)
 
 
-def _rerank(queries: np.ndarray, base: np.ndarray, rows: np.ndarray, found: np.ndarray, k: int, descending: bool,
-            out_index: np.ndarray, out_weight: np.ndarray, block: int = 64) -> None:
-    """Exact cosines of each query's candidates (own row excluded), best k first; blocked gathers."""
-    q_all = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32))
-    base_t = torch.from_numpy(np.ascontiguousarray(base, dtype=np.float32))
+def _rerank(queries: np.ndarray, base: np.ndarray, rows: np.ndarray, found: np.ndarray, k: int, largest: bool,
+            keys: np.ndarray | None, block: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """The exact best k of each query's candidates (own row excluded), as `exact_topk` ranks them: a float32
+    pass keeps k + MARGIN, exact cosines decide, the rounding band is re-scored where it matters."""
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    base = np.ascontiguousarray(base, dtype=np.float32)
+    keys = np.arange(len(base)) if keys is None else np.asarray(keys)
+    q_all, base_t = torch.from_numpy(queries), torch.from_numpy(base)
+    error = float32_dot_error(base.shape[1], float(np.linalg.norm(base, axis=1).max(initial=0.0)) * 1.0001)
+    out_index = np.empty((len(queries), k), dtype=np.int64)
+    out_weight = np.empty((len(queries), k), dtype=np.float64)
     for start in range(0, len(queries), block):
         stop = min(start + block, len(queries))
-        cand = torch.from_numpy(found[start:stop])
-        cos = torch.einsum("bcd,bd->bc", base_t[cand], q_all[start:stop])
-        own = cand == torch.from_numpy(rows[start:stop]).unsqueeze(1)
-        cos[own] = -torch.inf if descending else torch.inf
-        top = torch.topk(cos, k, dim=1, largest=descending, sorted=True)
-        out_index[start:stop] = torch.gather(cand, 1, top.indices).numpy()
-        out_weight[start:stop] = top.values.numpy()
+        cand = found[start:stop]
+        q_np = queries[start:stop]
+        cos = torch.einsum("bcd,bd->bc", base_t[torch.from_numpy(cand)], q_all[start:stop])
+        cos[torch.from_numpy(cand == rows[start:stop, None])] = -torch.inf if largest else torch.inf
+        if cand.shape[1] <= k + MARGIN:
+            index, weight = _exact_best(q_np, base, cand, k, largest, keys, own=rows[start:stop])
+        else:
+            top = torch.topk(cos, k + MARGIN, dim=1, largest=largest, sorted=True)
+            kept = np.take_along_axis(cand, top.indices.numpy(), 1)
+            index, weight = _exact_best(q_np, base, kept, k, largest, keys)
+            q_error = error * np.linalg.norm(q_np, axis=1) * 1.0001
+            _widen(q_np, base, cos, top.values[:, -1].numpy(), q_error, index, weight, k, largest, keys, cand)
+        out_index[start:stop], out_weight[start:stop] = index, weight
+    return out_index, out_weight
 
 
 def recall(approx: np.ndarray, exact: np.ndarray) -> float:

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from .config import ConfigError, SelectionConfig, to_jsonable
 from .graph import Graph, GraphError
 from .knowledge import Component, components_for_tasks
+from .numerics import FLOAT32_UNIT, exact_matvec, float32_dot_error, top_exact, unit_filter_error
 from .walk import GraphWalk, Pick, WalkResult, decode_vectors, reference_walk, vector_pages
 
 @dataclass
@@ -101,19 +102,18 @@ def components_of(graph: Graph, space: SpaceInfo, config: SelectionConfig, n: in
 
 
 # -- baselines ------------------------------------------------------------------------------
-def less_scores(train: np.ndarray, validation: np.ndarray, groups: list[str]) -> np.ndarray:
-    """LESS: max over validation subtasks of the mean (checkpoint-weighted) cosine to that subtask."""
-    scores = np.full(len(train), -np.inf)
+def less_picks(train: np.ndarray, validation: np.ndarray, groups: list[str], ids: list[str], n: int) -> list[Pick]:
+    """LESS: the n samples with the largest max over validation subtasks of the mean (checkpoint-weighted)
+    cosine to that subtask; scores exact (`numerics`), ties by row, so the ranking is the same on any CPU."""
     groups_arr = np.asarray(groups)
-    for name in sorted(set(groups)):
-        mean_cos = train @ validation[groups_arr == name].mean(axis=0)
-        scores = np.maximum(scores, mean_cos)
-    return scores
-
-
-def top_scored(scores: np.ndarray, ids: list[str], n: int) -> list[Pick]:
-    order = np.lexsort((np.arange(len(scores)), -scores))[:n]
-    return [Pick(rank + 1, ids[r], int(r), 0, rank, "score", cos_k=float(scores[r])) for rank, r in enumerate(order)]
+    means = [validation[groups_arr == name].astype(np.float64).mean(axis=0) for name in sorted(set(groups))]
+    approx = np.max([train @ mean.astype(np.float32) for mean in means], axis=0)
+    scale = float(np.linalg.norm(train, axis=1).max(initial=0.0)) * max(np.linalg.norm(m) for m in means) * 1.001
+    error = float32_dot_error(train.shape[1], scale) + 4 * FLOAT32_UNIT * scale
+    rows, values = top_exact(approx, error, n,
+                             lambda pos: np.max([exact_matvec(train[pos], mean) for mean in means], axis=0))
+    return [Pick(rank + 1, ids[r], int(r), 0, rank, "score", cos_k=float(v))
+            for rank, (r, v) in enumerate(zip(rows, values))]
 
 
 def random_picks(ids: list[str], n: int, seed: int) -> list[Pick]:
@@ -122,15 +122,18 @@ def random_picks(ids: list[str], n: int, seed: int) -> list[Pick]:
 
 
 def no_graph_picks(vectors: np.ndarray, ids: list[str], components: list[Component]) -> list[Pick]:
-    """Ablation: each component takes its budget of top cos(z, K) among the unselected, no walk."""
-    taken: set[int] = set()
+    """Ablation: each component takes its budget of top exact cos(z, K) among the unselected, no walk."""
+    free = np.ones(len(vectors), dtype=bool)
+    error = unit_filter_error(vectors.shape[1])
     picks: list[Pick] = []
     for ci, comp in enumerate(components):
-        scores = vectors.astype(np.float64) @ comp.vector
-        order = [r for r in np.lexsort((np.arange(len(scores)), -scores)) if r not in taken][: comp.budget]
-        for step, r in enumerate(order):
-            taken.add(int(r))
-            picks.append(Pick(len(picks) + 1, ids[r], int(r), ci, step, "score", cos_k=float(scores[r])))
+        rows = np.flatnonzero(free)
+        approx = vectors[rows] @ comp.vector.astype(np.float32)
+        best, values = top_exact(approx, error, comp.budget, lambda pos: exact_matvec(vectors[rows[pos]], comp.vector))
+        for step, (pos, value) in enumerate(zip(best, values)):
+            r = int(rows[pos])
+            free[r] = False
+            picks.append(Pick(len(picks) + 1, ids[r], r, ci, step, "score", cos_k=float(value)))
     return picks
 
 
@@ -178,7 +181,7 @@ def select(graph: Graph, config: SelectionConfig, out_root: str | Path | None = 
             picks = no_graph_picks(vectors, ids, components)
         elif config.method == "less":
             validation, records = load_validation(graph, space, config.tasks)
-            picks = top_scored(less_scores(vectors, validation, [r["subtask"] or r["task"] for r in records]), ids, n)
+            picks = less_picks(vectors, validation, [r["subtask"] or r["task"] for r in records], ids, n)
         else:
             raise ConfigError(f"method {config.method!r} needs sample texts; run it through g2is_graph.embedding")
     timings["select"] = time.perf_counter() - started - timings.get("components", 0.0)

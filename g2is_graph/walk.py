@@ -8,9 +8,10 @@ and falls back, when none passes, to the unselected argmax cos(z, K) (paper) or 
 Candidates are the SIMILAR neighbours of s (`neighbors`) or every unselected node (`all`). A node is
 never selected twice: candidates, anchors and fallbacks exclude everything already selected.
 
-Both implementations call the same admission test (`admit`) and order candidates by the same float64
-cosines, so on a complete graph they select the same samples in the same order. The conflict test is
-a float32 matrix-vector product over all selected vectors (exact, not only the stored CONFLICT edges).
+Both implementations call the same admission test (`admit`) and order candidates by the same exact
+cosines (`numerics.exact_dots`: the same on every CPU, BLAS and batching), so on a complete graph they
+select the same samples in the same order. The conflict test covers all selected vectors (not only the
+stored CONFLICT edges): a float32 product filters, exact cosines decide.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ import numpy as np
 
 from .config import SelectionConfig
 from .knowledge import Component
+from .numerics import (exact_descending, exact_dot_error, exact_dots, exact_matvec, exact_norm, float64_dot_error,
+                       top_exact, unit_filter_error)
 
 
 @dataclass
@@ -105,7 +108,7 @@ class Selected:
         return next((s for s in self.conflicted.get(candidate_id, ()) if s in scope_ids), None)
 
     def cos(self, node_id: str, vector: np.ndarray) -> float:
-        return float(self.vectors[self.position[node_id]] @ vector.astype(np.float32))
+        return float(exact_dots(self.vectors[self.position[node_id]], vector))
 
     def scope(self, component: int | None) -> tuple[np.ndarray, list[int]]:
         """Vectors (and positions) of all selected nodes, or of one component's."""
@@ -138,12 +141,15 @@ def vector_pages(read, space: str, page: int = 2000):
 
 
 def admit(vector: np.ndarray, scope: np.ndarray, component_sum: np.ndarray, k: np.ndarray, delta: float):
-    """(passes, reason, worst scope position or None, value, min cos to scope, consistency ratio)."""
+    """(passes, reason, worst scope position or None, value, min cos to scope, consistency ratio).
+    The minimum cosine to the scope is exact: a float32 product finds the few scope members that could
+    hold it, exact cosines decide among them (ties: the earliest selected)."""
     min_cos = None
     if len(scope):
-        cos = scope @ vector.astype(np.float32)
-        worst = int(np.argmin(cos))
-        min_cos = float(cos[worst])
+        approx = scope @ vector.astype(np.float32)
+        (worst,), (neg_min,) = top_exact(-approx, unit_filter_error(len(vector)), 1,
+                                         lambda rows: -exact_matvec(scope[rows], vector))
+        worst, min_cos = int(worst), float(-neg_min)
         if min_cos < 0:
             return False, "conflict", worst, min_cos, min_cos, None
     before = _cos(component_sum, k)
@@ -155,19 +161,19 @@ def admit(vector: np.ndarray, scope: np.ndarray, component_sum: np.ndarray, k: n
 
 
 def _cos(a: np.ndarray, b: np.ndarray) -> float:
-    norm = np.linalg.norm(a)
-    return float(a @ b / norm) if norm > 0 else 0.0
+    norm = exact_norm(a)
+    return float(exact_dots(a, b) / norm) if norm > 0 else 0.0
 
 
 def order_by_cos(vectors: np.ndarray, rows: np.ndarray, to: np.ndarray) -> np.ndarray:
-    """Positions of `vectors` by descending float64 cosine to `to`, ties by row."""
-    cos = vectors.astype(np.float64) @ to.astype(np.float64)
+    """Positions of `vectors` by descending exact cosine to `to`, ties by row."""
+    cos = exact_matvec(vectors, to)
     return np.lexsort((rows, -cos)), cos
 
 
 def best_by_k(top_rows: np.ndarray, vectors: np.ndarray, k: np.ndarray) -> tuple[int, float]:
-    """Among the top entries of a coarse ranking, the exact float64 argmax cos(z, K) (ties: lowest row)."""
-    cos = vectors.astype(np.float64) @ k
+    """Among the top entries of a coarse ranking, the exact argmax cos(z, K) (ties: lowest row)."""
+    cos = exact_matvec(vectors, k)
     best = np.lexsort((top_rows, -cos))[0]
     return int(best), float(cos[best])
 
@@ -180,17 +186,16 @@ def reference_walk(features: np.ndarray, ids: list[str], components: list[Compon
     """
     started = time.perf_counter()
     n, dim = features.shape
-    rows = np.arange(n)
     total = sum(c.budget for c in components)
     selected = Selected(total, dim)
     taken = np.zeros(n, dtype=bool)
     result = WalkResult(budgets=[c.budget for c in components])
     carry = 0
+    filter_error = unit_filter_error(dim)
     for ci, comp in enumerate(components):
         k = comp.vector.astype(np.float64)
         budget = comp.budget + carry
         k_scores = features @ k.astype(np.float32)
-        k_order = np.lexsort((rows, -k_scores))
         component_sum = np.zeros(dim, dtype=np.float64)
         members = 0
 
@@ -202,15 +207,15 @@ def reference_walk(features: np.ndarray, ids: list[str], components: list[Compon
             component_sum = component_sum + vec.astype(np.float64)
             result.picks.append(Pick(len(result.picks) + 1, ids[row], int(row), ci, members, how,
                                      ids[from_row] if from_row is not None else None, edge,
-                                     float(vec.astype(np.float64) @ k), consistency, min_cos))
+                                     float(exact_dots(vec, k)), consistency, min_cos))
             members += 1
 
         def argmax_k():
-            top = k_order[~taken[k_order]][: config.rerank].tolist()
-            if not top:
+            free = np.flatnonzero(~taken)
+            if not len(free):
                 return None
-            best, _ = best_by_k(np.asarray(top), features[top], k)
-            return top[best]
+            (best,), _ = top_exact(k_scores[free], filter_error, 1, lambda pos: exact_matvec(features[free[pos]], k))
+            return int(free[best])
 
         last = None
         while members < budget:
@@ -223,22 +228,21 @@ def reference_walk(features: np.ndarray, ids: list[str], components: list[Compon
                 continue
             result.steps += 1
             if neighbors is None:
-                pool = np.flatnonzero(~taken)
+                candidates = _all_unselected(features, taken, last, filter_error)
             else:
                 targets = np.asarray(neighbors.get(last, ()), dtype=np.int64)
                 pool = targets[~taken[targets]]
-            found = None
-            if len(pool):
                 order, cos = order_by_cos(features[pool], pool, features[last])
-                scope, positions = selected.scope(None if config.conflict_scope == "all" else ci)
-                for pos in order:
-                    z = pool[pos]
-                    ok, reason, worst, value, min_cos, ratio = admit(features[z], scope, component_sum, k, config.delta)
-                    if ok:
-                        found = (z, float(cos[pos]), ratio, min_cos)
-                        break
-                    other = selected.ids[positions[worst]] if worst is not None else None
-                    result.rejections.append(Rejection(ci, members, ids[z], reason, other, value))
+                candidates = ((float(cos[pos]), pool[pos]) for pos in order)
+            found = None
+            scope, positions = selected.scope(None if config.conflict_scope == "all" else ci)
+            for edge, z in candidates:
+                ok, reason, worst, value, min_cos, ratio = admit(features[z], scope, component_sum, k, config.delta)
+                if ok:
+                    found = (z, edge, ratio, min_cos)
+                    break
+                other = selected.ids[positions[worst]] if worst is not None else None
+                result.rejections.append(Rejection(ci, members, ids[z], reason, other, value))
             if found is not None:
                 z, edge, ratio, min_cos = found
                 take(z, "walk", last, edge, ratio, min_cos)
@@ -255,6 +259,22 @@ def reference_walk(features: np.ndarray, ids: list[str], components: list[Compon
         carry = budget - members if config.reassign_shortfall else 0
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _all_unselected(features: np.ndarray, taken: np.ndarray, last: int, error: float, page: int = 64):
+    """(exact cos to `last`, row) of every unselected row, best first (ties by row), computed page by page
+    as the walk consumes them: a float32 product orders, exact cosines decide."""
+    pool = np.flatnonzero(~taken)
+    approx = features[pool] @ features[last]
+    order = pool[np.argsort(-approx, kind="stable")]
+    approx = np.sort(approx)[::-1]
+
+    def pages():
+        for start in range(0, len(order), page):
+            rows = order[start:start + page]
+            yield approx[start:start + page], rows, exact_matvec(features[rows], features[last]), rows
+
+    return exact_descending(pages(), error)
 
 
 @dataclass
@@ -324,7 +344,6 @@ def validation_basis(read, space: str) -> tuple[np.ndarray | None, str]:
 
 
 LOOKAHEAD = 3  # guessed next nodes whose neighbourhoods a step's query also fetches
-ROUNDING = 1e-9  # bound on float64 rounding in a scan score of unit vectors (about d * 2^-53)
 SPAN_TOLERANCE = 1e-6  # largest |K - V^T a| for which components count as lying in the validation span
 
 
@@ -416,7 +435,7 @@ class GraphWalk:
                 selected.add(node.id, vec, ci, node.conflicts)
                 result.picks.append(Pick(len(result.picks) + 1, node.id, int(node.row), ci, members, how,
                                          last.id if last is not None and how != "anchor" else None, edge,
-                                         float(vec.astype(np.float64) @ k), consistency, min_cos))
+                                         float(exact_dots(vec, k)), consistency, min_cos))
                 members += 1
                 if progress is not None:
                     progress.update(1)
@@ -467,8 +486,10 @@ class GraphWalk:
             ids += [r["id"] for r in records]
             rows.append(np.asarray([r["row"] for r in records]))
             scores.append(vectors.astype(np.float64) @ k.T)
-        return (ids, np.concatenate(rows), np.concatenate(scores), np.full(len(components), ROUNDING),
-                f"full vectors ({reason})")
+        dim = k.shape[1]
+        norms = np.linalg.norm(k, axis=1) * 1.001  # node vectors have unit norm
+        error = float64_dot_error(dim, norms) + exact_dot_error(dim, norms)
+        return (ids, np.concatenate(rows), np.concatenate(scores), error, f"full vectors ({reason})")
 
     def _scan_dots(self, k: np.ndarray):
         """The scan from the stored dot products, or (None, why they cannot be used)."""
@@ -498,7 +519,13 @@ class GraphWalk:
             start += page
         if not ids:
             return None, "the graph has no nodes"
-        error = np.linalg.norm(misfit, axis=0) + ROUNDING
+        # |scan - exact cos(z, K)|: the misfit, the stored dots' and the combination's float64 rounding,
+        # and the exact side's own rounding (node vectors have unit norm)
+        dim = basis.shape[0]
+        weighted = np.abs(coefficients).T @ (np.linalg.norm(basis, axis=0) * 1.001)
+        norms = np.linalg.norm(k, axis=1) * 1.001
+        error = (np.linalg.norm(misfit, axis=0) + float64_dot_error(dim, weighted)
+                 + float64_dot_error(m, weighted) + exact_dot_error(dim, norms))
         return (ids, np.concatenate(rows), np.concatenate(scores), error, f"validation dots ({m} per node)"), ""
 
     @staticmethod
@@ -537,35 +564,50 @@ class GraphWalk:
         config = self.config
         scope, positions = selected.scope(None if config.conflict_scope == "all" else ci)
         scope_ids = selected.id_set if config.conflict_scope == "all" else {selected.ids[p] for p in positions}
-        skip = 0
-        while True:
-            if config.candidates == "neighbors":
-                pool = [x for x in last.similar if x not in selected.id_set]
-                ahead, expand = [], []
-                if not all(x in cache for x in pool):
-                    ahead, expand = self._lookahead(last, selected, cache)
-                fetched = cache.get(pool + ahead, expand)
-                candidates = [fetched[x] for x in pool]
-            else:
+        if config.candidates == "neighbors":
+            pool = [x for x in last.similar if x not in selected.id_set]
+            ahead, expand = [], []
+            if not all(x in cache for x in pool):
+                ahead, expand = self._lookahead(last, selected, cache)
+            fetched = cache.get(pool + ahead, expand)
+            nodes = [fetched[x] for x in pool]
+            if not nodes:
+                return None
+            order, cos = order_by_cos(np.stack([z.vector for z in nodes]), np.asarray([z.row for z in nodes]),
+                                      last.vector)
+            candidates = ((float(cos[pos]), nodes[pos]) for pos in order)
+        else:
+            candidates = self._all_unselected(last, selected)
+        for edge, z in candidates:
+            stored = selected.stored_conflict(z.id, z.conflicts, scope_ids)
+            if stored is not None:  # a stored CONFLICT edge to the scope: rejected without the scope's products
+                result.rejections.append(Rejection(ci, members, z.id, "conflict", stored, selected.cos(stored, z.vector)))
+                continue
+            ok, reason, worst, value, min_cos, ratio = admit(z.vector, scope, component_sum, k, config.delta)
+            if ok:
+                return z, edge, ratio, min_cos
+            other = selected.ids[positions[worst]] if worst is not None else None
+            result.rejections.append(Rejection(ci, members, z.id, reason, other, value))
+        return None
+
+    def _all_unselected(self, last: Node, selected: Selected):
+        """(exact cos to `last`, node) of every unselected node, best first (ties by row): the server ranks
+        by its own cosine and sends pages; exact cosines decide the order, a page at a time as needed.
+        The server's similarity is (1 + cos) / 2 from float32 arithmetic of its own; its bound is taken
+        as twice this side's, doubled again for the rescaling."""
+        error = 4 * unit_filter_error(len(last.vector))
+
+        def pages():
+            skip = 0
+            while True:
                 records = self._read("walk_candidates_all", space=self.space, vector=last.vector.tolist(),
-                                     excluded=selected.ids, skip=skip, limit=config.page)
-                candidates = [Node(r["id"], r["row"], vector, [], r["conflicts"])
-                              for r, vector in zip(records, decode_vectors(records))]
-            if not candidates:
-                return None
-            vectors = np.stack([z.vector for z in candidates])
-            order, cos = order_by_cos(vectors, np.asarray([z.row for z in candidates]), last.vector)
-            for pos in order:
-                z = candidates[pos]
-                stored = selected.stored_conflict(z.id, z.conflicts, scope_ids)
-                if stored is not None:  # a stored CONFLICT edge to the scope: rejected without the scope's products
-                    result.rejections.append(Rejection(ci, members, z.id, "conflict", stored, selected.cos(stored, z.vector)))
-                    continue
-                ok, reason, worst, value, min_cos, ratio = admit(z.vector, scope, component_sum, k, config.delta)
-                if ok:
-                    return z, float(cos[pos]), ratio, min_cos
-                other = selected.ids[positions[worst]] if worst is not None else None
-                result.rejections.append(Rejection(ci, members, z.id, reason, other, value))
-            if config.candidates == "neighbors":
-                return None
-            skip += config.page
+                                     excluded=selected.ids, skip=skip, limit=self.config.page)
+                if not records:
+                    return
+                vectors = decode_vectors(records)
+                nodes = [Node(r["id"], r["row"], vector, [], r["conflicts"]) for r, vector in zip(records, vectors)]
+                approx = np.asarray([2 * r["weight"] - 1 for r in records])
+                yield approx, [z.row for z in nodes], exact_matvec(vectors, last.vector), nodes
+                skip += self.config.page
+
+        return exact_descending(pages(), error)

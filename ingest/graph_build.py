@@ -34,7 +34,7 @@ from g2is_graph.space import FeatureSpace, check_in_space, combined_features, op
 from g2is_graph.store import FeatureStore, StoreError
 from g2is_graph.walk import validation_basis
 
-STATE_FORMAT = "g2is-graph-state-v1"
+STATE_FORMAT = "g2is-graph-state-v2"  # v2: exact float64 edge weights, ties by id
 # settings that shape the edges: a state built with other values cannot be extended
 SHAPING = ("k", "exact", "m", "ef_construction", "ef", "ef_negative", "negative_candidates", "similar_candidates",
            "index_dim", "seed")
@@ -99,6 +99,9 @@ class GraphState:
                                    "pending": {"nodes": [], "edges": []}})
         data = json.loads(path.read_text())
         if data.get("format") != STATE_FORMAT:
+            if str(data.get("format", "")).startswith("g2is-graph-state-"):
+                raise StoreError(f"{path}: a graph state of format {data['format']} (an older g2is, whose edge "
+                                 f"weights depend on the batching); build into a new --state directory")
             raise StoreError(f"{path}: not a g2is graph state")
         if data["space"]["id"] != space.id:
             raise StoreError(f"{path}: this graph was built in feature space {data['space']['id']}, the stores are in "
@@ -139,11 +142,19 @@ class GraphState:
         return vectors
 
 
-def _merge_lists(idx_a, w_a, idx_b, w_b, k: int, descending: bool) -> tuple[np.ndarray, np.ndarray]:
+def _merge_lists(idx_a, w_a, idx_b, w_b, k: int, descending: bool, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The best k of two lists of exact cosines, ties by key, as one search over both would rank them."""
     idx = np.concatenate([idx_a, idx_b], axis=1)
     w = np.concatenate([w_a, w_b], axis=1)
-    order = np.argsort(-w if descending else w, axis=1, kind="stable")[:, :k]
+    order = np.lexsort((keys[idx], -w if descending else w), axis=-1)[:, :k]
     return np.take_along_axis(idx, order, 1), np.take_along_axis(w, order, 1)
+
+
+def id_keys(ids: Sequence[str]) -> np.ndarray:
+    """Each row's rank among the ids: equal cosines are ordered by id, whatever order the rows came in."""
+    keys = np.empty(len(ids), dtype=np.int64)
+    keys[np.argsort(np.asarray(ids, dtype=object), kind="stable")] = np.arange(len(ids))
+    return keys
 
 
 def _hnsw(config: GraphConfig) -> HnswSettings:
@@ -154,31 +165,33 @@ def _hnsw(config: GraphConfig) -> HnswSettings:
 
 
 def compute_neighbors(old: Neighbors | None, vectors: np.ndarray, n_old: int, config: GraphConfig,
-                      index: HnswIndex | None) -> tuple[Neighbors, HnswIndex | None, np.ndarray]:
-    """Lists for all nodes after adding rows [n_old, N); returns them, the index and the changed rows."""
+                      index: HnswIndex | None, keys: np.ndarray) -> tuple[Neighbors, HnswIndex | None, np.ndarray]:
+    """Lists for all nodes after adding rows [n_old, N); returns them, the index and the changed rows.
+    `keys` orders rows of equal cosine (`id_keys`)."""
     n = len(vectors)
     k = min(config.k, n - 1)
     new_rows = np.arange(n_old, n)
     if old is None or old.similar_index.shape[1] < k:  # first build, or k was capped by a tiny graph
         if config.exact:
-            lists = exact_topk(vectors, vectors, k, exclude=np.arange(n), device=config.device)
+            lists = exact_topk(vectors, vectors, k, exclude=np.arange(n), device=config.device, keys=keys)
         else:
             index = HnswIndex.build(vectors, _hnsw(config))
-            lists = index.query(vectors, vectors, np.arange(n), k)
+            lists = index.query(vectors, vectors, np.arange(n), k, keys)
         return lists, index, np.arange(n)
     newcomers = vectors[n_old:]
     if config.exact:
-        fresh = exact_topk(newcomers, vectors, k, exclude=new_rows, device=config.device)
-        among_new = exact_topk(vectors[:n_old], newcomers, min(k, len(newcomers)), device=config.device)
+        fresh = exact_topk(newcomers, vectors, k, exclude=new_rows, device=config.device, keys=keys)
+        among_new = exact_topk(vectors[:n_old], newcomers, min(k, len(newcomers)), device=config.device,
+                               keys=keys[n_old:])
     else:
         index.add(newcomers, n_old)
-        fresh = index.query(newcomers, vectors, new_rows, k)
+        fresh = index.query(newcomers, vectors, new_rows, k, keys)
         scratch = HnswIndex.build(newcomers, _hnsw(config))
-        among_new = scratch.query(vectors[:n_old], newcomers, None, k)
+        among_new = scratch.query(vectors[:n_old], newcomers, None, k, keys[n_old:])
     sim_i, sim_w = _merge_lists(old.similar_index, old.similar_weight, among_new.similar_index + n_old,
-                                among_new.similar_weight, k, descending=True)
+                                among_new.similar_weight, k, True, keys)
     con_i, con_w = _merge_lists(old.conflict_index, old.conflict_weight, among_new.conflict_index + n_old,
-                                among_new.conflict_weight, k, descending=False)
+                                among_new.conflict_weight, k, False, keys)
     changed = np.where((sim_i != old.similar_index).any(1) | (con_i != old.conflict_index).any(1))[0]
     lists = Neighbors(np.concatenate([sim_i, fresh.similar_index]), np.concatenate([sim_w, fresh.similar_weight]),
                       np.concatenate([con_i, fresh.conflict_index]), np.concatenate([con_w, fresh.conflict_weight]))
@@ -296,7 +309,8 @@ def _add_segment(state: GraphState, stores, segment_key: list[str], config: Grap
     index = None
     if not config.exact and n_old:
         index = HnswIndex.load(state.dir / "index.bin", vectors.shape[1], _hnsw(config), len(vectors))
-    lists, index, changed = compute_neighbors(old, vectors, n_old, config, index)
+    keys = id_keys(state.data["ids"] + [rows[i]["id"] for i in taken])
+    lists, index, changed = compute_neighbors(old, vectors, n_old, config, index, keys)
     timings["neighbors"] = time.perf_counter() - t0
     if not config.exact:
         t0 = time.perf_counter()

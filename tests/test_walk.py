@@ -72,12 +72,12 @@ def test_reference_walk_obeys_algorithm_1():
     for pick in result.picks:
         comp = components[pick.component]
         members = [r for r in chosen if result.picks[chosen.index(r)].component == pick.component]
-        if pick.how in ("anchor", "fallback"):
+        if pick.how in ("anchor", "fallback"):  # the argmax, to float64 rounding (1e-12)
             unselected = [r for r in range(80) if r not in chosen]
-            best = max(unselected, key=lambda r: features[r].astype(np.float64) @ comp.vector)
-            assert pick.row == best
-        else:
-            assert min(features[chosen] @ features[pick.row]) >= 0
+            best = max(features[r].astype(np.float64) @ comp.vector for r in unselected)
+            assert pick.cos_k >= best - 1e-12 and pick.row in unselected
+        else:  # no conflict, to float32 rounding of the check's product (1e-6)
+            assert min(features[chosen] @ features[pick.row]) >= -1e-6
             s = features[members].astype(np.float64).sum(0)
             before = abs(s @ comp.vector) / np.linalg.norm(s)
             after_sum = s + features[pick.row]
