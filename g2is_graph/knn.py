@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .model import pick_device
-from .numerics import exact_dots, float32_dot_error
+from .numerics import exact_candidate_dots, float32_dot_error
 
 
 @dataclass(frozen=True)
@@ -77,11 +77,8 @@ def exact_topk(queries: np.ndarray, base: np.ndarray, k: int, exclude: np.ndarra
         q_error = error * np.linalg.norm(q_np, axis=1) * 1.0001
         stop = start + len(q)
         for pos, (scores, largest) in enumerate(((sims_pos, True), (sims, False))):
-            found = torch.topk(scores, wanted, dim=1, largest=largest, sorted=True)
-            index, weight = _exact_best(q_np, base, found.indices.cpu().numpy(), k, largest, keys)
-            if wanted < scores.shape[1] - (1 if exclude is not None else 0):
-                _widen(q_np, base, scores, found.values[:, -1].cpu().numpy(), q_error, index, weight, k, largest,
-                       keys)
+            kept = torch.topk(scores, wanted, dim=1, largest=largest, sorted=True).indices
+            index, weight = _exact_top(q_np, base, scores, kept, k, largest, keys, q_error)
             out[2 * pos][start:stop], out[2 * pos + 1][start:stop] = index, weight
     return Neighbors(*out)
 
@@ -96,28 +93,54 @@ def float32_cosines(queries: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
         torch.set_float32_matmul_precision(saved)
 
 
-def _exact_best(queries: np.ndarray, base: np.ndarray, candidates: np.ndarray, k: int, largest: bool,
-                keys: np.ndarray, own: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """The best k of each row's candidates by exact cosine, ties by key; `own[i]` is never kept."""
-    exact = exact_dots(base[candidates], queries[:, None, :])
+def _exact_top(queries: np.ndarray, base: np.ndarray, scores: torch.Tensor, kept: torch.Tensor, k: int,
+               largest: bool, keys: np.ndarray, q_error: np.ndarray, columns: np.ndarray | None = None,
+               own: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The exact best k of each query's candidates, equal cosines by key.
+
+    `scores[i, c]` is the float32 cosine of query i with base row `columns[i, c]` (row c when None), and
+    `kept` the positions of its best float32 scores. Those are scored exactly; where a candidate left out
+    could still reach the exact top k (its float32 score within the rounding bound `q_error[i]` of the
+    k-th exact value), the left-out candidates inside that band are scored too. `own[i]` is never kept."""
+    sign = -1.0 if largest else 1.0
+    outside = -torch.inf if largest else torch.inf
+    kept_np = kept.cpu().numpy()
+    ids = kept_np if columns is None else np.take_along_axis(columns, kept_np, 1)
+    exact = exact_candidate_dots(queries, base, ids)
     if own is not None:
-        exact[candidates == own[:, None]] = -np.inf if largest else np.inf
-    order = np.lexsort((keys[candidates], -exact if largest else exact), axis=-1)[:, :k]
-    return np.take_along_axis(candidates, order, 1), np.take_along_axis(exact, order, 1)
-
-
-def _widen(queries, base, scores, last_kept, q_error, index, weight, k, largest, keys, columns=None) -> None:
-    """Rows where a candidate the float32 filter did not keep could still reach the exact top k (its float32
-    cosine is within the rounding bound of the k-th exact one): re-score every candidate inside the band.
-    `scores[i, c]` is the float32 cosine of query i and base row `columns[i, c]` (row c when None)."""
+        exact[ids == own[:, None]] = sign * np.inf
+    order = np.lexsort((keys[ids], sign * exact), axis=-1)
+    ids, exact = np.take_along_axis(ids, order, 1), np.take_along_axis(exact, order, 1)
+    index, weight = ids[:, :k].copy(), exact[:, :k].copy()
+    if kept.shape[1] >= scores.shape[1]:
+        return index, weight
+    last_kept = torch.gather(scores, 1, kept[:, -1:]).flatten().cpu().numpy()
     kth = weight[:, -1]
-    unsafe = last_kept + q_error >= kth if largest else last_kept - q_error <= kth
-    for i in np.flatnonzero(unsafe):
-        row = scores[i]
-        band = row >= kth[i] - q_error[i] if largest else row <= kth[i] + q_error[i]
-        inside = torch.nonzero(band).flatten().cpu().numpy()
-        candidates = (inside if columns is None else columns[i][inside])[None, :]
-        index[i], weight[i] = (a[0] for a in _exact_best(queries[i:i + 1], base, candidates, k, largest, keys))
+    unsafe = np.flatnonzero(last_kept + q_error >= kth if largest else last_kept - q_error <= kth)
+    if not len(unsafe):
+        return index, weight
+    rows = torch.from_numpy(unsafe).to(scores.device)
+    left_out = scores[rows].clone().scatter_(1, kept[rows], outside)
+    threshold = torch.from_numpy(kth[unsafe] + sign * q_error[unsafe]).to(left_out)
+    band = left_out >= threshold[:, None] if largest else left_out <= threshold[:, None]
+    row_of, column = (a.cpu().numpy() for a in torch.nonzero(band, as_tuple=True))
+    if not len(row_of):
+        return index, weight
+    counts = np.bincount(row_of, minlength=len(unsafe))
+    slot = np.arange(len(row_of)) - np.repeat(np.cumsum(counts) - counts, counts)
+    extra = np.repeat(ids[unsafe, :1], counts.max(), axis=1)
+    valid = np.zeros(extra.shape, dtype=bool)
+    extra[row_of, slot] = column if columns is None else columns[unsafe[row_of], column]
+    valid[row_of, slot] = True
+    extra_exact = exact_candidate_dots(queries[unsafe], base, extra)
+    extra_exact[~valid] = sign * np.inf
+    if own is not None:
+        extra_exact[extra == own[unsafe, None]] = sign * np.inf
+    all_ids = np.concatenate([ids[unsafe], extra], axis=1)
+    all_exact = np.concatenate([exact[unsafe], extra_exact], axis=1)
+    order = np.lexsort((keys[all_ids], sign * all_exact), axis=-1)[:, :k]
+    index[unsafe], weight[unsafe] = np.take_along_axis(all_ids, order, 1), np.take_along_axis(all_exact, order, 1)
+    return index, weight
 
 
 @dataclass(frozen=True)
@@ -224,18 +247,12 @@ def _rerank(queries: np.ndarray, base: np.ndarray, rows: np.ndarray, found: np.n
     for start in range(0, len(queries), block):
         stop = min(start + block, len(queries))
         cand = found[start:stop]
-        q_np = queries[start:stop]
         cos = torch.einsum("bcd,bd->bc", base_t[torch.from_numpy(cand)], q_all[start:stop])
         cos[torch.from_numpy(cand == rows[start:stop, None])] = -torch.inf if largest else torch.inf
-        if cand.shape[1] <= k + MARGIN:
-            index, weight = _exact_best(q_np, base, cand, k, largest, keys, own=rows[start:stop])
-        else:
-            top = torch.topk(cos, k + MARGIN, dim=1, largest=largest, sorted=True)
-            kept = np.take_along_axis(cand, top.indices.numpy(), 1)
-            index, weight = _exact_best(q_np, base, kept, k, largest, keys)
-            q_error = error * np.linalg.norm(q_np, axis=1) * 1.0001
-            _widen(q_np, base, cos, top.values[:, -1].numpy(), q_error, index, weight, k, largest, keys, cand)
-        out_index[start:stop], out_weight[start:stop] = index, weight
+        kept = torch.topk(cos, min(k + MARGIN, cand.shape[1]), dim=1, largest=largest, sorted=True).indices
+        q_error = error * np.linalg.norm(queries[start:stop], axis=1) * 1.0001
+        out_index[start:stop], out_weight[start:stop] = _exact_top(
+            queries[start:stop], base, cos, kept, k, largest, keys, q_error, cand, rows[start:stop])
     return out_index, out_weight
 
 

@@ -13,42 +13,70 @@ the exact values decide, so the result is the one an exact search would give.
 from __future__ import annotations
 
 import heapq
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 
 FLOAT32_UNIT = 2.0 ** -24
 FLOAT64_UNIT = 2.0 ** -53
-CHUNK_NUMBERS = 1 << 22  # float64 numbers (32 MiB) per chunk of exact products
+CHUNK_NUMBERS = 1 << 16  # float64 products (512 KiB, cache-sized) summed per pass
+GATHER_NUMBERS = 1 << 22  # float32 candidate vectors (16 MiB) gathered per task of exact_candidate_dots
 
 
-def tree_sum(products: np.ndarray) -> np.ndarray:
-    """Sum over the last axis in a fixed pairwise order (zero padding to a power of two is exact)."""
-    n = products.shape[-1]
-    size = 1 << max(0, (n - 1).bit_length())
-    if size != n:
-        pad = np.zeros(products.shape[:-1] + (size - n,), dtype=products.dtype)
-        products = np.concatenate([products, pad], axis=-1)
-    while size > 1:
-        size //= 2
-        products = products[..., :size] + products[..., size:]
-    return products[..., 0]
+def _tree_sum_inplace(products: np.ndarray) -> np.ndarray:
+    """Sum over the last axis (a power of two long, zero padded) in a fixed pairwise order, in place."""
+    half = products.shape[-1]
+    while half > 1:
+        half //= 2
+        np.add(products[..., :half], products[..., half:2 * half], out=products[..., :half])
+    return products[..., 0].copy()
 
 
 def exact_dots(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Fixed-order float64 dot products of a [..., d] and b [..., d] (broadcast), the same on every machine."""
     a, b = np.asarray(a), np.asarray(b)
     shape = np.broadcast_shapes(a.shape, b.shape)
-    if len(shape) <= 1:
-        return tree_sum(np.multiply(a, b, dtype=np.float64))
+    dim = shape[-1]
+    size = 1 << max(0, (dim - 1).bit_length())  # zero padding is exact
+    if len(shape) == 1:
+        buffer = np.zeros(size)
+        np.multiply(a, b, out=buffer[:dim], dtype=np.float64)
+        return _tree_sum_inplace(buffer)[()]
     a, b = np.broadcast_to(a, shape), np.broadcast_to(b, shape)
-    flat_a, flat_b = a.reshape(-1, shape[-1]), b.reshape(-1, shape[-1])
-    out = np.empty(len(flat_a), dtype=np.float64)
-    step = max(1, CHUNK_NUMBERS // max(shape[-1], 1))
-    for start in range(0, len(flat_a), step):
+    inner = int(np.prod(shape[1:-1], dtype=np.int64))
+    step = max(1, CHUNK_NUMBERS // (inner * size))
+    buffer = np.zeros((min(step, shape[0]),) + shape[1:-1] + (size,))
+    out = np.empty(shape[:-1])
+    for start in range(0, shape[0], step):
+        stop = min(start + step, shape[0])
+        products = buffer[:stop - start]
+        np.multiply(a[start:stop], b[start:stop], out=products[..., :dim], dtype=np.float64)
+        out[start:stop] = _tree_sum_inplace(products)
+    return out
+
+
+def exact_candidate_dots(queries: np.ndarray, base: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+    """exact_dots of each query row i with the base rows candidates[i] ([B, C]), gathering a few MiB of
+    candidate vectors at a time, on as many threads as torch uses (numpy releases the GIL in ufuncs)."""
+    import torch
+
+    out = np.empty(candidates.shape)
+    step = max(1, GATHER_NUMBERS // max(1, candidates.shape[1] * base.shape[1]))
+
+    def part(start: int) -> None:
         stop = start + step
-        out[start:stop] = tree_sum(np.multiply(flat_a[start:stop], flat_b[start:stop], dtype=np.float64))
-    return out.reshape(shape[:-1])
+        out[start:stop] = exact_dots(base[candidates[start:stop]], queries[start:stop, None, :])
+
+    starts = range(0, len(candidates), step)
+    threads = max(1, min(torch.get_num_threads(), len(starts)))
+    if threads == 1:
+        for start in starts:
+            part(start)
+    else:
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(part, starts))
+    return out
 
 
 def exact_matvec(rows: np.ndarray, vector: np.ndarray) -> np.ndarray:
