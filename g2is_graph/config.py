@@ -290,7 +290,12 @@ class SelectionConfig:
     ratio: float = 0.01  # fraction of the pool to select
     n_select: int | None = None  # absolute size, overrides ratio
     tau: float = 0.5  # keep the fewest components whose cumulative explained-variance ratio exceeds tau
+    n_components: int | None = None  # keep this many components instead (the paper's count reading, l.94)
+    component_fraction: float | None = None  # keep this fraction of the informative components ("first 50%")
     delta: float = 0.8  # consistency threshold
+    consistency_reference: str = "previous"  # previous: vs the set before this step (paper) | anchor: vs the
+    # component's anchor (a deviation: alignment cannot decay like delta^n along a walk)
+    center_pool: bool = False  # deviation: walk on pool-mean-centred vectors (the Adam features share b1*m)
     centered: bool = True  # PCA centring (scikit-learn default, the official code)
     orient: bool = True  # flip components so the validation features project non-negatively on them
     candidates: str = "neighbors"  # neighbors: SIMILAR edges of the last node | all: every unselected node
@@ -307,7 +312,8 @@ class SelectionConfig:
     def validate(self) -> None:
         choices = {"method": ("g2is", "less", "embedding", "random", "no-graph", "no-gradient"),
                    "candidates": ("neighbors", "all"), "conflict_scope": ("all", "component"),
-                   "fallback": ("paper", "official"), "multi_task": ("pooled", "per-task")}
+                   "fallback": ("paper", "official"), "multi_task": ("pooled", "per-task"),
+                   "consistency_reference": ("previous", "anchor")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"[select] {name} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}")
@@ -319,3 +325,12 @@ class SelectionConfig:
             raise ConfigError("[select] tau must be in (0, 1] and delta in [0, 1]")
         if self.page <= 0 or self.rerank <= 0 or self.cache_nodes <= 0:
             raise ConfigError("[select] page, rerank and cache_nodes must be positive")
+        if self.n_components is not None and self.component_fraction is not None:
+            raise ConfigError("[select] give n_components or component_fraction, not both")
+        if self.n_components is not None and self.n_components <= 0:
+            raise ConfigError("[select] n_components must be positive")
+        if self.component_fraction is not None and not 0 < self.component_fraction <= 1:
+            raise ConfigError("[select] component_fraction must be in (0, 1]")
+        if self.center_pool and self.candidates == "all":
+            raise ConfigError("[select] center_pool walks the SIMILAR candidates: use it with candidates=neighbors "
+                              "(the server ranks `all` candidates by uncentred cosine)")

@@ -18,7 +18,7 @@ import numpy as np
 from .config import ConfigError, SelectionConfig
 from .data import _parse_line
 from .graph import Graph
-from .knowledge import components_for_tasks
+from .knowledge import components_for_selection
 from .selection import RunResult, less_picks, n_to_select, original_lines, record_run, space_info, start_run
 from .walk import reference_walk
 
@@ -65,8 +65,7 @@ def select_by_embedding(graph: Graph, config: SelectionConfig, out_root: str | P
     if config.method == "embedding":
         picks = less_picks(train, val, [r["subtask"] or r["task"] for r in validation], ids, n)
     elif config.method == "no-gradient":
-        components = components_for_tasks(val, [r["task"] for r in validation], n, config.tau, config.centered,
-                                          config.orient, config.multi_task)
+        components = components_for_selection(val, [r["task"] for r in validation], n, config)
         picks = reference_walk(train, ids, components, dataclasses.replace(config, candidates="all")).picks
     else:
         raise ConfigError(f"method {config.method!r} is not an embedding method")

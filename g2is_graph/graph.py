@@ -9,11 +9,14 @@ one line that names the URI and how to start a server, never the password.
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib.resources
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
+
+import numpy as np
 
 from .config import ConnectionConfig, ServerConfig
 
@@ -213,3 +216,49 @@ class Graph:
 
     def counts(self) -> dict[str, int]:
         return self.read("graph_counts")[0]
+
+
+# -- vectors as the database holds them --------------------------------------------------------
+# Nodes carry their vector as `gradient_f32`: little-endian float32 bytes. The graph build writes them and
+# reads validation vectors back; the walk and the baselines read node vectors; both go through these.
+def decode_vectors(records, key: str = "gradient") -> np.ndarray:
+    """Rows of `gradient_f32` bytes (little-endian float32) as a [n, d] array."""
+    if not records:
+        return np.empty((0, 0), dtype=np.float32)
+    return np.stack([np.frombuffer(r[key], dtype="<f4") for r in records]).astype(np.float32, copy=False)
+
+
+def vector_pages(read, space: str, page: int = 2000):
+    """(node records without their vector, [n, d] vectors) page by page, in row order; `read` runs a named
+    query (Graph.read, or a walk's counting wrapper)."""
+    start = 0
+    while True:
+        records = read("space_vectors", space=space, start=start, stop=start + page)
+        if not records:
+            return
+        vectors = decode_vectors(records)
+        for record in records:
+            del record["gradient"]
+        yield records, vectors
+        start += page
+
+
+def validation_key(records, vectors: np.ndarray) -> str:
+    """Identity of a validation set (ids and float32 vectors, in order) that node dot products refer to."""
+    digest = hashlib.sha256()
+    for record, vector in zip(records, vectors):
+        digest.update(record["id"].encode() + b"\0" + vector.astype("<f4").tobytes())
+    return digest.hexdigest()[:16]
+
+
+def validation_basis(read, space: str) -> tuple[np.ndarray | None, str]:
+    """The validation vectors [m, d] that node dot products are taken with (in `validation_vectors` order)
+    and their key; (None, why not) when there are none or m dot products would be no fewer than d floats.
+    The build writes the dots and the walk reads them through this one definition."""
+    records = read("validation_vectors", space=space, tasks=None)
+    if not records:
+        return None, "no validation vectors"
+    vectors = decode_vectors(records)
+    if len(vectors) >= vectors.shape[1]:
+        return None, f"{len(vectors)} validation vectors, no fewer than the dimension"
+    return vectors, validation_key(records, vectors)

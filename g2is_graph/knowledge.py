@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .config import ConfigError
+from .config import ConfigError, SelectionConfig
 
 
 @dataclass(frozen=True)
@@ -63,13 +63,25 @@ def principal_components(features: np.ndarray, centered: bool) -> tuple[np.ndarr
     return vt[keep], (energy / energy.sum())[keep]
 
 
+def n_kept(ratios: np.ndarray, tau: float, n_components: int | None = None,
+           component_fraction: float | None = None) -> int:
+    """How many leading components are core knowledge. The paper reads it two ways: the fewest whose
+    cumulative explained-variance ratio exceeds tau (Algorithm 1, the official code; the default), or a
+    count, "the first 50% of principal components" (a fraction of the informative ones, at least one)."""
+    if n_components is not None:
+        return min(n_components, len(ratios))
+    if component_fraction is not None:
+        return max(1, min(len(ratios), int(np.ceil(component_fraction * len(ratios) - 1e-9))))
+    cumulative = np.cumsum(ratios)
+    return min(int(np.searchsorted(cumulative, tau, side="right")) + 1, len(ratios))
+
+
 def core_knowledge(features: np.ndarray, n_select: int, tau: float, centered: bool, orient: bool,
-                   task: str = "all") -> list[Component]:
+                   task: str = "all", n_components: int | None = None,
+                   component_fraction: float | None = None) -> list[Component]:
     """The kept components of one validation set with their budgets (summing to n_select)."""
     components, ratios = principal_components(features, centered)
-    cumulative = np.cumsum(ratios)
-    kept = int(np.searchsorted(cumulative, tau, side="right")) + 1  # fewest whose sum exceeds tau
-    kept = min(kept, len(ratios))
+    kept = n_kept(ratios, tau, n_components, component_fraction)
     ratios = ratios[:kept]
     weights = ratios / ratios.sum()
     budgets = largest_remainder(n_select, weights)
@@ -85,13 +97,22 @@ def core_knowledge(features: np.ndarray, n_select: int, tau: float, centered: bo
 
 
 def components_for_tasks(features: np.ndarray, tasks: Sequence[str], n_select: int, tau: float, centered: bool,
-                         orient: bool, multi_task: str) -> list[Component]:
+                         orient: bool, multi_task: str, n_components: int | None = None,
+                         component_fraction: float | None = None) -> list[Component]:
     """Pooled: one PCA over every task's examples. Per-task: the budget split equally between tasks."""
     tasks = np.asarray(tasks)
+    how = {"n_components": n_components, "component_fraction": component_fraction}
     if multi_task == "pooled" or len(set(tasks)) == 1:
-        return core_knowledge(features, n_select, tau, centered, orient, ",".join(sorted(set(tasks))))
+        return core_knowledge(features, n_select, tau, centered, orient, ",".join(sorted(set(tasks))), **how)
     names = sorted(set(tasks))
     out = []
     for name, budget in zip(names, largest_remainder(n_select, [1.0] * len(names))):
-        out.extend(core_knowledge(features[tasks == name], budget, tau, centered, orient, name))
+        out.extend(core_knowledge(features[tasks == name], budget, tau, centered, orient, name, **how))
     return out
+
+
+def components_for_selection(features: np.ndarray, tasks: Sequence[str], n_select: int,
+                             config: SelectionConfig) -> list[Component]:
+    """The components a selection run asks for (every reading of core knowledge it names)."""
+    return components_for_tasks(features, tasks, n_select, config.tau, config.centered, config.orient,
+                                config.multi_task, config.n_components, config.component_fraction)

@@ -23,10 +23,12 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .config import ConfigError, SelectionConfig, to_jsonable
-from .graph import Graph, GraphError
-from .knowledge import Component, components_for_tasks
+from .graph import Graph, GraphError, decode_vectors, vector_pages
+from .knowledge import Component, components_for_selection
 from .numerics import FLOAT32_UNIT, exact_matvec, float32_dot_error, top_exact, unit_filter_error
-from .walk import GraphWalk, Pick, WalkResult, decode_vectors, reference_walk, vector_pages
+from .admission import Pick, WalkResult
+from .graph_walk import GraphWalk
+from .walk import reference_walk
 
 @dataclass
 class SpaceInfo:
@@ -97,8 +99,7 @@ def n_to_select(config: SelectionConfig, n_pool: int) -> int:
 
 def components_of(graph: Graph, space: SpaceInfo, config: SelectionConfig, n: int) -> list[Component]:
     validation, records = load_validation(graph, space, config.tasks)
-    return components_for_tasks(validation, [r["task"] for r in records], n, config.tau, config.centered,
-                                config.orient, config.multi_task)
+    return components_for_selection(validation, [r["task"] for r in records], n, config)
 
 
 # -- baselines ------------------------------------------------------------------------------
@@ -168,7 +169,7 @@ def select(graph: Graph, config: SelectionConfig, out_root: str | Path | None = 
         timings["components"] = time.perf_counter() - started
     if config.method == "g2is":
         with tqdm(total=n, unit="pick", desc="gradient walk", disable=not progress) as bar:
-            walk_result = GraphWalk(graph, space.id, config).run(components, bar)
+            walk_result = GraphWalk(graph, space.id, config, space.dim).run(components, bar)
         picks = walk_result.picks
     elif config.method == "random":
         ids = [r["id"] for r in graph.read("space_ids", space=space.id)]

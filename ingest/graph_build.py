@@ -28,11 +28,10 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from g2is_graph.config import GraphConfig, to_jsonable
-from g2is_graph.graph import Graph, GraphError
+from g2is_graph.graph import Graph, GraphError, validation_basis
 from g2is_graph.knn import HnswIndex, HnswSettings, Neighbors, exact_topk, measure_recall
 from g2is_graph.space import FeatureSpace, check_in_space, combined_features, open_stores, space_of
 from g2is_graph.store import FeatureStore, StoreError
-from g2is_graph.walk import validation_basis
 
 STATE_FORMAT = "g2is-graph-state-v2"  # v2: exact float64 edge weights, ties by id
 # settings that shape the edges: a state built with other values cannot be extended

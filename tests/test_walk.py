@@ -12,7 +12,9 @@ from g2is_graph.config import GraphConfig, SelectionConfig
 from g2is_graph.knowledge import core_knowledge
 from g2is_graph.selection import reference_for_graph, select
 from g2is_graph.synthetic import clustered_vectors, synthetic_rows, synthetic_store
-from g2is_graph.walk import Selected, decode_vectors, reference_walk
+from g2is_graph.admission import Selected
+from g2is_graph.graph import decode_vectors
+from g2is_graph.walk import reference_walk
 from ingest.graph_build import build_graph
 
 OPTION_SETS = [
