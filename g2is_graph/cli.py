@@ -447,7 +447,15 @@ def ingest(obj: Context, records, model_spec, checkpoints, features, projector_k
 @click.option("--ratio", type=float, default=None, help="Fraction of the pool (default 0.01).")
 @click.option("--n", "n_select", type=int, default=None, help="Absolute number of samples (overrides --ratio).")
 @click.option("--tau", type=float, default=None, help="Cumulative explained-variance threshold (default 0.5).")
+@click.option("--n-components", type=int, default=None,
+              help="Keep this many principal components instead of --tau (the paper's count reading).")
+@click.option("--component-fraction", type=float, default=None,
+              help="Keep this fraction of the informative components instead of --tau (\"the first 50%\").")
 @click.option("--delta", type=float, default=None, help="Consistency threshold (default 0.8).")
+@click.option("--consistency-reference", type=click.Choice(["previous", "anchor"]), default=None,
+              help="Compare alignment with the set before the step (paper) or with the anchor (deviation).")
+@click.option("--center-pool/--no-center-pool", default=None,
+              help="Deviation: walk on pool-mean-centred vectors (the Adam features share b1*m).")
 @click.option("--centered/--uncentered", default=None, help="PCA centring (default centred, as the official code).")
 @click.option("--orient/--no-orient", default=None, help="Orient component signs towards the validation set.")
 @click.option("--candidates", type=click.Choice(["neighbors", "all"]), default=None)

@@ -13,6 +13,7 @@ import json
 from collections import Counter
 from typing import Any
 
+from .diagnostics import describe
 from .graph import Graph, GraphError
 
 
@@ -29,35 +30,45 @@ def explain(graph: Graph, run_id: str, sample_id: str) -> dict[str, Any]:
     if not info:
         raise GraphError(f"no sample {sample_id!r} in the graph")
     sample = info[0]
-    picks = [p["pick"] for p in graph.read("run_picks", id=run_id)]
-    by_id = {p["id"]: p for p in picks}
     out: dict[str, Any] = {"run": run_id, "method": run["method"], "status": run["status"], "sample": sample_id,
                            "source": f"{sample['source_file']}:{sample['line']}", "preview": sample["preview"]}
+    diagnostics = json.loads(run["diagnostics"]) if run.get("diagnostics") else None
+    if diagnostics is not None:
+        out["diagnostics"] = diagnostics
+    picks = [p["pick"] for p in graph.read("run_picks", id=run_id)]
+    out["text"] = _answer(graph, run, picks, sample_id, out)
+    if diagnostics is not None:
+        out["text"] += "\n" + describe(diagnostics) + "".join(f"\nwarning: {w}" for w in diagnostics["warnings"])
+    return out
+
+
+def _answer(graph: Graph, run: dict[str, Any], picks: list[dict[str, Any]], sample_id: str,
+            out: dict[str, Any]) -> str:
+    """The explanation's words; fills `out` with the facts they rest on."""
+    by_id = {p["id"]: p for p in picks}
     if sample_id in by_id:
         pick = by_id[sample_id]
         path = [pick]
         while path[-1].get("from_id") in by_id and path[-1]["how"] == "walk":
             path.append(by_id[path[-1]["from_id"]])
         out.update(selected=True, pick=pick, path=[p["id"] for p in path])
-        out["text"] = _selected_words(pick, path)
-        return out
+        return _selected_words(pick, path)
     out["selected"] = False
     rejections = [r for r in json.loads(run.get("rejections") or "[]") if r[2] == sample_id]
     out["rejections"] = [{"component": r[0], "step": r[1], "reason": r[3], "other": r[4], "value": r[5]}
                          for r in rejections]
     components = json.loads(run.get("components") or "[]")
     if rejections:
-        out["text"] = "Not selected. " + " ".join(_rejection_words(r) for r in out["rejections"][:5])
+        text = "Not selected. " + " ".join(_rejection_words(r) for r in out["rejections"][:5])
         if len(rejections) > 5:
-            out["text"] += f" ({len(rejections)} rejections in all.)"
-        return out
-    reached_from = graph.read("similar_into", run=run_id, id=sample_id)
+            text += f" ({len(rejections)} rejections in all.)"
+        return text
+    reached_from = graph.read("similar_into", run=run["id"], id=sample_id)
     out["listed_by_selected"] = reached_from
     if run["method"] != "g2is":
-        out["text"] = (f"Not selected: the {run['method']} method ranked it outside the top "
-                       f"{run.get('n_selected')} (lowest selected score "
-                       f"{min((p.get('cos_k') or 0) for p in picks):.4f}).") if picks else "Not selected."
-        return out
+        return (f"Not selected: the {run['method']} method ranked it outside the top "
+                f"{run.get('n_selected')} (lowest selected score "
+                f"{min((p.get('cos_k') or 0) for p in picks):.4f}).") if picks else "Not selected."
     text = "Not selected and never examined by the walk: "
     if reached_from:
         text += (f"selected node {reached_from[0]['id']} lists it as a SIMILAR neighbour (cos "
@@ -69,9 +80,8 @@ def explain(graph: Graph, run_id: str, sample_id: str) -> dict[str, Any]:
     if anchors:
         weakest = min(p["cos_k"] for p in anchors)
         text += f" The weakest anchor or fallback had cos(z, K) = {weakest:.4f}."
-    out["text"] = text
     out["components"] = components
-    return out
+    return text
 
 
 def _selected_words(pick: dict[str, Any], path: list[dict[str, Any]]) -> str:
@@ -109,8 +119,11 @@ def compare_runs(graph: Graph, run_ids: list[str]) -> dict[str, Any]:
     """Pairwise overlap (Jaccard and count) and per-source counts of several runs."""
     picks = {}
     sources = {}
+    diagnostics = {}
     for run_id in run_ids:
-        _run(graph, run_id)
+        run = _run(graph, run_id)
+        if run.get("diagnostics"):
+            diagnostics[run_id] = json.loads(run["diagnostics"])
         rows = graph.read("run_picks", id=run_id)
         picks[run_id] = {r["pick"]["id"] for r in rows}
         sources[run_id] = dict(Counter(r["dataset"] or r["source_file"] for r in rows))
@@ -120,4 +133,5 @@ def compare_runs(graph: Graph, run_ids: list[str]) -> dict[str, Any]:
             common = len(picks[a] & picks[b])
             union = len(picks[a] | picks[b])
             overlap[f"{a} vs {b}"] = {"common": common, "jaccard": common / union if union else 1.0}
-    return {"sizes": {r: len(p) for r, p in picks.items()}, "overlap": overlap, "per_source": sources}
+    return {"sizes": {r: len(p) for r, p in picks.items()}, "overlap": overlap, "per_source": sources,
+            "diagnostics": diagnostics}

@@ -23,6 +23,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .config import ConfigError, SelectionConfig, to_jsonable
+from .diagnostics import describe, regime_diagnostics
 from .graph import Graph, GraphError, decode_vectors, vector_pages
 from .knowledge import Component, components_for_selection
 from .numerics import FLOAT32_UNIT, exact_matvec, float32_dot_error, top_exact, unit_filter_error
@@ -35,6 +36,7 @@ class SpaceInfo:
     id: str
     n_samples: int
     dim: int
+    pool_cosines: dict[str, Any] | None = None  # the build's sample of pairwise cosines (diagnostics)
 
 
 @dataclass
@@ -46,6 +48,7 @@ class RunResult:
     out_dir: Path | None
     walk: WalkResult | None = None
     seconds: dict[str, float] = field(default_factory=dict)
+    diagnostics: dict[str, Any] | None = None  # regime diagnostics of a G2IS run
 
     def summary(self) -> str:
         counts = Counter(p.how for p in self.picks)
@@ -54,6 +57,8 @@ class RunResult:
             line += (f"; {self.walk.steps} walk steps, {self.walk.round_trips} queries, "
                      f"{len(self.walk.rejections)} candidates rejected, shortfall {self.walk.shortfall}; "
                      f"anchor ranking from {self.walk.scan}")
+        if self.diagnostics is not None:
+            line += "\n" + describe(self.diagnostics)
         return line
 
 
@@ -64,7 +69,8 @@ def space_info(graph: Graph) -> SpaceInfo:
     space = spaces[0]
     if space["status"] != "complete":
         raise GraphError(f"the last graph build of space {space['id']} did not finish; re-run `g2is graph build`")
-    return SpaceInfo(space["id"], int(space["n_samples"]), int(space["dim"]))
+    pool = space.get("pool_cosines")
+    return SpaceInfo(space["id"], int(space["n_samples"]), int(space["dim"]), json.loads(pool) if pool else None)
 
 
 def load_vectors(graph: Graph, space: SpaceInfo, page: int = 2000) -> tuple[np.ndarray, list[dict[str, Any]]]:
@@ -187,6 +193,8 @@ def select(graph: Graph, config: SelectionConfig, out_root: str | Path | None = 
             raise ConfigError(f"method {config.method!r} needs sample texts; run it through g2is_graph.embedding")
     timings["select"] = time.perf_counter() - started - timings.get("components", 0.0)
     result = RunResult(run_id, config.method, picks, [c.record() for c in components], None, walk_result, timings)
+    if walk_result is not None:
+        result.diagnostics = regime_diagnostics(walk_result, components, space.pool_cosines, graph.counts()["conflict"])
     return record_run(graph, result, config, space, out_root, echo)
 
 
@@ -201,10 +209,14 @@ def record_run(graph: Graph, result: RunResult, config: SelectionConfig, space: 
         props.update(steps=walk.steps, round_trips=walk.round_trips, shortfall=walk.shortfall, scan=walk.scan,
                      filled=walk.filled, budgets=walk.budgets,
                      rejections=json.dumps([list(r.__dict__.values()) for r in walk.rejections]))
+    if result.diagnostics is not None:
+        props.update(diagnostics=json.dumps(result.diagnostics), warnings=result.diagnostics["warnings"])
     if out_root is not None:
         result.out_dir = write_outputs(graph, result, config, space, Path(out_root) / result.id, props)
         props["out_dir"] = str(result.out_dir)
     graph.write("run_finish", id=result.id, props=props, status="complete")
+    for warning in (result.diagnostics or {}).get("warnings", ()):
+        echo(f"warning: {warning}")
     if walk is not None and walk.shortfall:
         echo(f"warning: the walk under-filled by {walk.shortfall} samples (components filled {walk.filled} of "
              f"{walk.budgets}); use --fallback paper or --reassign-shortfall to fill the budget")
@@ -223,6 +235,7 @@ def write_outputs(graph: Graph, result: RunResult, config: SelectionConfig, spac
                 "per_source": dict(Counter(p["dataset"] or p["source_file"] for p in picks)),
                 "how": dict(Counter(p["pick"]["how"] for p in picks)), "seconds": result.seconds,
                 "walk": {k: v for k, v in props.items() if k in ("steps", "round_trips", "shortfall", "filled", "budgets", "scan")},
+                "diagnostics": result.diagnostics,
                 "selected_sha256": hashlib.sha256("".join(lines).encode()).hexdigest()}
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
     return out_dir

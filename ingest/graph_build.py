@@ -28,6 +28,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from g2is_graph.config import GraphConfig, to_jsonable
+from g2is_graph.diagnostics import pool_cosine_stats
 from g2is_graph.graph import Graph, GraphError, validation_basis
 from g2is_graph.knn import HnswIndex, HnswSettings, Neighbors, exact_topk, measure_recall
 from g2is_graph.space import FeatureSpace, check_in_space, combined_features, open_stores, space_of
@@ -355,7 +356,8 @@ def _write(graph: Graph, state: GraphState, space: FeatureSpace, recorded: dict[
         "build": state.data["build"], "n_samples": state.n, "k": k, "exact": config.exact,
         "config": json.dumps(to_jsonable(config), sort_keys=True),
         "recall_similar": (state.data.get("recall") or {}).get("similar"),
-        "recall_conflict": (state.data.get("recall") or {}).get("conflict")}, status="complete")
+        "recall_conflict": (state.data.get("recall") or {}).get("conflict"),
+        "pool_cosines": json.dumps(pool_cosine_stats(vectors, seed=config.seed))}, status="complete")
     result.n_changed = len(edges)
     result.seconds.update(write_nodes=t_nodes, write_similar=t_sim, write_conflict=t_con)
     if nodes and t_nodes > 0:

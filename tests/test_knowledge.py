@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from hypothesis import given, strategies as st
 
-from g2is_graph.knowledge import components_for_tasks, core_knowledge, largest_remainder, principal_components
+from g2is_graph.knowledge import (components_for_tasks, core_knowledge, largest_remainder, n_kept,
+                                  principal_components)
 
 
 @given(st.integers(0, 500), st.lists(st.floats(0.01, 1.0), min_size=1, max_size=12))
@@ -72,3 +73,17 @@ def test_centred_pca_has_at_most_n_minus_1_components_and_per_task_splits_budget
     assert sum(c.budget for c in per_task if c.task == "b") == 5
     pooled = components_for_tasks(both, tasks, 11, 0.5, True, True, "pooled")
     assert {c.task for c in pooled} == {"a,b"} and sum(c.budget for c in pooled) == 11
+
+
+def test_core_knowledge_as_a_count_or_a_fraction_beside_tau():
+    """The paper's two readings: "the first 50% of principal components" and the cumulative variance ratio."""
+    ratios = np.array([0.4, 0.3, 0.2, 0.06, 0.04])
+    assert n_kept(ratios, 0.5) == 2 and n_kept(ratios, 0.95) == 4
+    assert n_kept(ratios, 0.5, n_components=3) == 3 and n_kept(ratios, 0.5, n_components=9) == 5
+    assert n_kept(ratios, 0.5, component_fraction=0.5) == 3 and n_kept(ratios, 0.5, component_fraction=0.01) == 1
+    rng = np.random.default_rng(0)
+    features = rng.standard_normal((21, 40))
+    kept = core_knowledge(features, 100, 0.5, centered=True, orient=True, n_components=5)
+    assert len(kept) == 5 and sum(c.budget for c in kept) == 100
+    half = core_knowledge(features, 100, 0.5, centered=True, orient=True, component_fraction=0.5)
+    assert len(half) == 10  # half of the 20 informative centred components of 21 examples

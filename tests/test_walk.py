@@ -24,6 +24,9 @@ OPTION_SETS = [
     SelectionConfig(n_select=12, fallback="official", reassign_shortfall=True, delta=0.95),
     SelectionConfig(n_select=10, centered=False, orient=False, tau=0.8),
     SelectionConfig(n_select=12, candidates="all", page=7),
+    SelectionConfig(n_select=12, n_components=2),
+    SelectionConfig(n_select=12, component_fraction=0.5, consistency_reference="anchor"),
+    SelectionConfig(n_select=12, center_pool=True, delta=0.9),
 ]
 
 
@@ -148,3 +151,29 @@ def test_a_stored_conflict_is_found_from_either_end():
     assert selected.stored_conflict("y", ["a"], {"a"}) == "a"
     assert selected.stored_conflict("x", [], {"b"}) is None
     assert selected.cos("a", np.asarray([-0.6, 0.8])) == pytest.approx(-0.6)
+
+
+def test_consistency_against_the_anchor_and_pool_centring_follow_their_definitions():
+    """The deviations do what they say: every walk pick keeps |cos(mean S', K)| >= delta |cos(anchor, K)|, and
+    the centred walk decides on (z - mean) / |z - mean|."""
+    features = clustered_vectors(90, 16, clusters=6, spread=0.9, seed=3)
+    ids = [f"n{i}" for i in range(90)]
+    components = core_knowledge(features[:12], 24, 0.6, centered=True, orient=True)
+    anchored = reference_walk(features, ids, components, SelectionConfig(n_select=24, consistency_reference="anchor"))
+    for ci, comp in enumerate(components):
+        members = [p for p in anchored.picks if p.component == ci]
+        if not members:
+            continue
+        anchor = abs(members[0].cos_k)
+        total = np.zeros(16)
+        for pick in members:
+            total += features[pick.row].astype(np.float64)
+            if pick.how == "walk":
+                assert abs(total @ comp.vector) / np.linalg.norm(total) >= 0.8 * anchor - 1e-12
+    centred = features.astype(np.float64) - features.astype(np.float64).mean(0)
+    centred = centred / np.linalg.norm(centred, axis=1, keepdims=True)
+    walked = reference_walk(features, ids, components, SelectionConfig(n_select=24, center_pool=True))
+    first = walked.picks[0]
+    assert first.how == "anchor"
+    assert first.cos_k == pytest.approx(max(centred @ components[0].vector), abs=1e-6)
+    assert len(walked.alignment) == len(components) and walked.alignment[0]["anchor"] == pytest.approx(abs(first.cos_k))
