@@ -3,6 +3,7 @@
     ./scripts/fetch-data                                       # BIG-bench task files (BBH tests, NI pool)
     .venv/bin/python bench/quality.py --preset cpu-hour --work quality-work
     .venv/bin/python bench/quality.py --preset cpu-hour --work quality-work --report docs   # table + plot
+    .venv/bin/python bench/quality.py --preset cpu-scarce --work scarce-work --report docs/quality  # issue 18
 
 Runs data -> warmup -> gradients -> graph -> selections -> fine-tuning -> evaluation with the real
 SmolLM2-135M-Instruct in `--work` (its own Neo4j database under work/neo4j) and keeps every result in
@@ -38,12 +39,16 @@ def overrides(args) -> dict:
 def report(state: dict, out: Path, preset: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     public = {k: state[k] for k in ("preset", "config", "stage_seconds", "graph", "rows", "summary", "overlap")}
+    public.update({k: state[k] for k in ("paired", "residuals") if k in state})
     public["selections"] = [{k: v for k, v in s.items() if k != "out_dir"} for s in state["selections"].values()]
     public["pool"] = {k: state["data"]["pool_manifest"][k] for k in ("n_records", "sha256", "datasets",
                                                                      "dropped_overlapping", "near_duplicates")}
     public["machine"] = {"platform": platform.platform(), "python": platform.python_version()}
     (out / f"quality-{preset}.json").write_text(json.dumps(public, indent=1))
-    (out / f"quality-{preset}.md").write_text(quality.markdown_table(state) + "\n\n" + quality.selection_table(state) + "\n")
+    tables = [quality.markdown_table(state), quality.selection_table(state)]
+    if state.get("paired"):
+        tables += [quality.study_table(state), quality.diagnostics_table(state)]
+    (out / f"quality-{preset}.md").write_text("\n\n".join(tables) + "\n")
     quality.plot(state, out / f"quality-{preset}.png")
 
 

@@ -85,7 +85,7 @@ def evaluate_model(model, tokenizer, records: Sequence[Record], data_config: Dat
     losses = answer_losses(model, encoded, tokenizer.pad_token_id, config.batch_size)
     low, high = bootstrap_interval(losses, config.bootstrap, config.seed)
     result: dict[str, Any] = {"answer_loss": float(losses.mean()), "answer_loss_ci95": [low, high],
-                              "n_items": len(records)}
+                              "n_items": len(records), "item_losses": [float(x) for x in losses]}
     items = _choice_items(records) if config.choices else []
     if items:
         correct = []

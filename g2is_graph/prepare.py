@@ -87,8 +87,9 @@ def convert(source: str, line: str, split: str, number: int) -> dict[str, Any] |
 
 
 def build(source: str, out: str | Path, split: str = "train", start: int = 0, count: int | None = None,
-          path: str | Path | None = None) -> dict[str, Any]:
-    """Lines [start, start+count) of a source (usable ones) as jsonl, with a manifest."""
+          path: str | Path | None = None, task: str | None = None) -> dict[str, Any]:
+    """Lines [start, start+count) of a source (usable ones) as jsonl, with a manifest; `task` renames the
+    records' task (disjoint validation draws of one source are distinct tasks in the graph)."""
     if source == "gsm8k":
         if path is None:
             raise ConfigError("gsm8k needs --source-file (the GSM8K jsonl, e.g. ../shared/data/gsm8k/train.jsonl)")
@@ -104,11 +105,11 @@ def build(source: str, out: str | Path, split: str = "train", start: int = 0, co
                 continue
             record = convert(source, line, split, number)
             if record is not None:
-                records.append(record)
+                records.append(record if task is None else {**record, "task": task})
             if count is not None and len(records) >= count:
                 break
     return _write(out, records, {"sources": [{"file": str(src), "sha256": sha256_file(src), "package": package}],
-                                 "builder": source, "split": split, "start": start, "count": count})
+                                 "builder": source, "split": split, "start": start, "count": count, "task": task})
 
 
 def _normalised(text: str) -> str:

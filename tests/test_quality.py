@@ -98,3 +98,37 @@ def test_config_overrides_are_checked():
         quality.load_config("cpu-hour", {"methods": ["magic"]})
     config = quality.load_config("full", {"warmup": {"epochs": 2}})
     assert config.warmup.epochs == 2 and config.warmup.fraction == 0.05
+
+
+def test_scarce_target_study_draws_validation_sets_disjointly_and_pairs_against_less(tmp_path, graph, neo4j_uri,
+                                                                                      tiny_model):
+    """The cpu-scarce shape on a tiny model: disjoint validation draws (one selection and one fine-tuning seed
+    each), the format-free GSM8K test, paired differences against LESS, the target-count regression and the
+    diagnostics of every G2IS selection."""
+    config = quality.load_config("cpu-scarce", {
+        "model": str(tiny_model), "gsm8k_dir": str(_gsm8k_folder(tmp_path / "gsm8k")),
+        "pool": [["gsm8k", 6], ["asdiv", 10], ["boolq", 10]], "test_items": 4, "gsm8k_validation": 5,
+        "validation_draws": 2, "ratios": [0.3], "methods": ["less", "g2is", "random"],
+        "ablations": ["anchor-consistency", "pool-centred"], "ablation_ratios": [0.3],
+        "max_length": 1024, "eval_max_length": 8192, "dim": 256, "lora": {"r": 2, "alpha": 4},
+        "warmup": {"max_examples": 6, "epochs": 1, "grad_accumulation": 2}, "finetune": {"epochs": 1},
+    })
+    state = quality.run_study(tmp_path / "work", config, "test", echo=lambda m: None, progress=False,
+                              graph_factory=lambda: Graph(neo4j_uri))
+    data = state["data"]
+    draws = [set(json.loads(line)["id"] for line in open(data["validation"][f"gsm8k-d{d}"])) for d in range(2)]
+    assert len(draws[0]) == len(draws[1]) == 5 and not draws[0] & draws[1]
+    plain = [json.loads(line)["completion"] for line in open(data["test"][quality.PLAIN_TEST])]
+    assert plain and not any("<<" in a or "####" in a for a in plain)
+    selections = list(state["selections"].values())
+    assert len(selections) == 2 * (3 + 2) and {s["draw"] for s in selections} == {0, 1}
+    assert all(quality.finetune_seeds(s, config.seeds) == (s["draw"],) for s in selections)
+    assert all(s["diagnostics"] for s in selections if s["method"] == "g2is")
+    assert {r["test"] for r in state["rows"] if r["method"] != "base"} == {"gsm8k", quality.PLAIN_TEST}
+    paired = {(p["test"], p["method"]): p for p in state["paired"]}
+    g2is = paired[("gsm8k", "g2is")]
+    assert g2is["n_draws"] == 2 and g2is["n_pairs"] == 2 * 4 and g2is["ci95"][0] <= g2is["mean_difference"] <= g2is["ci95"][1]
+    assert ("gsm8k", "g2is/pool-centred") in paired and ("gsm8k", "base") in paired
+    table = quality.study_table(state)
+    assert "| g2is |" in table and "vs LESS" in table
+    assert quality.diagnostics_table(state).count("| gsm8k |") == 2 * 3
