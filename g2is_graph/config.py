@@ -144,6 +144,20 @@ def dump_json(config: Any) -> str:
 
 
 @dataclass(frozen=True)
+class ShareGPTConfig:
+    """Column and tag names of ShareGPT records: LLaMA-Factory's dataset_info `columns` and `tags` (these
+    defaults are its own). `system` is the top-level system column, used when no turn carries the system tag."""
+
+    messages: str = "conversations"
+    system: str = "system"
+    role_tag: str = "from"
+    content_tag: str = "value"
+    user_tag: str = "human"
+    assistant_tag: str = "gpt"
+    system_tag: str = "system"
+
+
+@dataclass(frozen=True)
 class DataConfig:
     """How jsonl records become token ids and loss masks."""
 
@@ -151,6 +165,16 @@ class DataConfig:
     template: str = "model"  # "model": the tokenizer's chat template; "tulu": LESS's <|user|>/<|assistant|> form
     eos_after_assistant: bool = True  # tulu form only: LESS adds EOS for training data, not validation data
     skip_bad: bool = False  # skip bad records (each written to the skip report) instead of failing
+    # string prompt/completion records: "chat" wraps them in a user and an assistant turn; "raw" is TRL's
+    # standard prompt-completion, prompt + completion + EOS with the loss on the completion and EOS
+    prompt_completion: str = "chat"
+    sharegpt: ShareGPTConfig = field(default_factory=ShareGPTConfig)
+
+    def validate(self) -> None:
+        if self.template not in ("model", "tulu"):
+            raise ConfigError(f"[data] template must be model or tulu, not {self.template!r}")
+        if self.prompt_completion not in ("chat", "raw"):
+            raise ConfigError(f"[data] prompt_completion must be chat or raw, not {self.prompt_completion!r}")
 
 
 @dataclass(frozen=True)
