@@ -27,12 +27,12 @@ from typing import Any
 
 import torch
 
+from g2is_graph.finetune import ADAPTER_FILES
 from g2is_graph.model import ModelError, load_with_adapter, model_identity
 from g2is_graph.training import ADAM_FILE, STATE_FILE
 
 from .warmup import Checkpoint
 
-ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
 TRAINER_FILES = ADAPTER_FILES + ("optimizer.pt", "trainer_state.json")
 NO_DECAY_PATTERNS = [re.compile(p) for p in (r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)",
                                              r"_norm(?:$|\.)")]
