@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 NEO4J_VERSION = "5.26.30"  # newest 5.26 LTS patch on Maven Central when verified; last line on Java 17
+NEO4J_BROWSER_VERSION = "5.24.0"  # org.neo4j.client:neo4j-browser on Maven Central, served by the 5.26 server
 CONFIG_FILE_ENV = "G2IS_CONFIG"
 DEFAULT_CONFIG_FILE = "g2is.toml"
 
@@ -50,9 +51,15 @@ class ServerConfig:
     java: str = "/usr/lib/jvm/java-17-openjdk-amd64/bin/java"
     start_timeout_s: float = 120.0
     stop_timeout_s: float = 30.0
+    browser: bool = False  # also serve Neo4j Browser over HTTP on loopback (`g2is neo4j start --browser`)
+    browser_version: str = NEO4J_BROWSER_VERSION
+    http_port: int = 7474  # the Browser's HTTP port, used when free; otherwise a free port is chosen and recorded
 
     def resolved_jar_dir(self) -> Path:
         return self.jar_dir or cache_home() / f"neo4j-{self.version}" / "lib"
+
+    def resolved_browser_dir(self) -> Path:
+        return cache_home() / f"neo4j-browser-{self.browser_version}"
 
 
 @dataclass(frozen=True)
@@ -230,6 +237,9 @@ class FinetuneConfig:
     dtype: str = "float32"
     device: str = "auto"
     lora: LoraSettings = field(default_factory=LoraSettings)
+    # what adapter_config.json names as the base model: a hub id others can load (e.g. "HuggingFaceTB/SmolLM2-135M-
+    # Instruct"); default: the id of a Hugging Face cache folder, else "sha256:<weights>" (never a local path)
+    base_model: str | None = None
 
 
 @dataclass(frozen=True)
