@@ -128,12 +128,19 @@ def neo4j() -> None:
 
 
 @neo4j.command("start")
+@click.option("--browser", is_flag=True, default=None,
+              help="Also serve Neo4j Browser on 127.0.0.1 (same login; docs/neo4j-browser.md). Off by default.")
 @click.pass_obj
-def neo4j_start(obj: Context) -> None:
+def neo4j_start(obj: Context, browser) -> None:
     """Fetch the jars once, start the server on 127.0.0.1 and wait until Bolt answers."""
-    status = LocalServer(obj.server_config()).start(echo=obj.echo)
+    config = obj.server_config()
+    if browser:
+        config = dataclasses.replace(config, browser=True)
+    status = LocalServer(config).start(echo=obj.echo)
     click.echo(status.line())
     click.echo(status.uri)
+    if config.browser and not status.browser:
+        obj.echo("note: the server was already running without the Browser; `g2is neo4j stop`, then start again")
 
 
 @neo4j.command("stop")
@@ -619,6 +626,9 @@ def report_cmd(obj: Context, run_ids, out) -> None:
 @click.option("--lr", type=float, default=None, help="Default 2e-5.")
 @click.option("--warmup-ratio", type=float, default=None, help="Default 0.3.")
 @click.option("--schedule", type=click.Choice(["cosine", "linear"]), default=None)
+@click.option("--base-model", default=None,
+              help="The base model's hub id for adapter_config.json (default: a hub cache folder's id, else "
+                   "sha256:<weights>).")
 @with_options(training_options + data_options)
 @click.pass_obj
 def finetune_cmd(obj: Context, records, model_spec, out, lora_r, lora_alpha, max_length, template, prompt_completion,

@@ -47,14 +47,19 @@ def embed(texts: list[str], encoder, progress: bool) -> np.ndarray:
 
 
 def embedded_space(graph: Graph, space_id: str, tasks: tuple[str, ...], encoder, progress: bool,
-                   sharegpt: ShareGPTConfig | None = None):
-    """(pool embeddings in row order, validation embeddings, validation records, pool ids)."""
+                   sharegpt: ShareGPTConfig | None = None, source_root: Path | None = None):
+    """(pool embeddings in row order, validation embeddings, validation records, pool ids); relative source
+    paths are read from `source_root` (default: the current folder, where ingest recorded them)."""
     nodes = graph.read("space_nodes", space=space_id)
     validation = graph.read("validation_nodes", space=space_id, tasks=list(tasks) or None)
     if not validation:
         raise ConfigError("no validation examples in the graph; add them with `g2is graph build --validation`")
-    train = embed(texts_at([(r["source_file"], r["line"]) for r in nodes], sharegpt), encoder, progress)
-    val = embed(texts_at([(r["source_file"], r["line"]) for r in validation], sharegpt), encoder, progress)
+
+    def located(rows):
+        return [(str(Path(source_root or ".") / r["source_file"]), r["line"]) for r in rows]
+
+    train = embed(texts_at(located(nodes), sharegpt), encoder, progress)
+    val = embed(texts_at(located(validation), sharegpt), encoder, progress)
     return train, val, validation, [r["id"] for r in nodes]
 
 

@@ -229,7 +229,7 @@ def _pages(graph: Graph, space: SpaceInfo):
 
 
 def score_rows(graph: Graph, run: dict[str, Any], data: DataConfig, picks: list[str], encoder=None,
-               progress: bool = False) -> list[dict[str, Any]]:
+               progress: bool = False, source_root: Path | None = None) -> list[dict[str, Any]]:
     """(id, score, rank, component) of every pool sample for a scored method, checked against the run's picks."""
     method = run["method"]
     config = run_config(run)
@@ -247,8 +247,8 @@ def score_rows(graph: Graph, run: dict[str, Any], data: DataConfig, picks: list[
         else:
             from .embedding import embedded_space, load_encoder
 
-            train, validation, records, ids = embedded_space(graph, space.id, config.tasks,
-                                                             encoder or load_encoder(), progress, data.sharegpt)
+            train, validation, records, ids = embedded_space(graph, space.id, config.tasks, encoder or load_encoder(),
+                                                             progress, data.sharegpt, source_root)
             groups = [r["subtask"] or r["task"] for r in records]
             scores, best, names = less_scores([train], validation, groups)
         order = _ranking(scores)
@@ -334,7 +334,7 @@ def export_run(graph: Graph, run_id: str, fmt: str, out_dir: str | Path, data: D
                                                 "depends on the budget); re-run the selection for another budget"}
         notes.append(f"no scores file: {scores_info['why']}")
     else:
-        rows = score_rows(graph, run, data, [r.id for r in records], encoder, progress)
+        rows = score_rows(graph, run, data, [r.id for r in records], encoder, progress, source_root)
         files["scores"] = f"{name}.scores.jsonl"
         _atomic_text(out_dir / files["scores"], _jsonl(rows))
         n_scores = len(rows)

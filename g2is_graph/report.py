@@ -327,10 +327,11 @@ def rejections_section(view: RunView) -> str:
 
 
 def sources_section(views: list[RunView]) -> str:
-    sources = sorted({s for v in views for s in v.source_counts()})
+    counts = [v.source_counts() for v in views]
+    sources = sorted({s for c in counts for s in c})
     palette = ["#2e86c1", "#e67e22", "#27ae60", "#8e44ad", "#c0392b", "#16a085", "#7f8c8d"]
-    rows = [(s, [(float(v.source_counts()[s]), palette[i % len(palette)], f"{v.id}: {v.source_counts()[s]}")
-                 for i, v in enumerate(views)]) for s in sources]
+    rows = [(s, [(float(c[s]), palette[i % len(palette)], f"{v.id}: {c[s]}") for i, (v, c) in
+                 enumerate(zip(views, counts))]) for s in sources]
     legend = [(f"{i + 1}: {v.method}", palette[i % len(palette)]) for i, v in enumerate(views)] if len(views) > 1 else None
     return bar_chart("sources", "picks per source" + (" (one colour per run)" if len(views) > 1 else ""), rows,
                      legend=legend)

@@ -121,6 +121,20 @@ def test_no_graph_scores_rank_within_each_component_and_replay_the_run(graph, ru
     assert "not yet taken" in manifest["scores"]["recut"]
 
 
+def test_embedding_scores_are_recomputed_from_the_source_texts(graph, runs, tmp_path, monkeypatch):
+    from g2is_graph.embedding import load_encoder, select_by_embedding
+
+    encoder = load_encoder()
+    run = select_by_embedding(graph, SelectionConfig(method="embedding", n_select=8), tmp_path / "runs",
+                              echo=lambda m: None, progress=False, encoder=encoder)
+    monkeypatch.chdir(tmp_path / "runs")  # relative source paths resolve from --source-root
+    result = export_run(graph, run.id, "jsonl", tmp_path / "emb", DataConfig(), source_root=tmp_path,
+                        echo=lambda m: None, encoder=encoder)
+    rows = [json.loads(line) for line in (tmp_path / "emb" / result.files["scores"]).read_text().splitlines()]
+    assert len(rows) == 40 and [r["id"] for r in rows[:8]] == [p.id for p in run.picks]
+    assert {r["component"] for r in rows} <= {"t1", "t2"}
+
+
 def test_scores_are_refused_when_the_graph_changed_since_the_run(graph, runs, tmp_path):
     from g2is_graph.config import GraphConfig
     from g2is_graph.synthetic import clustered_vectors, synthetic_rows, synthetic_store
@@ -156,3 +170,30 @@ def test_records_a_trainer_would_read_differently_are_refused_by_file_and_line(t
     with pytest.raises(ExportError, match=r"odd.jsonl:4: .*raw"):
         llama_factory_row(raw, DataConfig(prompt_completion="raw"))
     assert trl_row(raw, DataConfig(prompt_completion="raw")) == {"id": "raw", "prompt": "2+2=", "completion": "4"}
+
+
+def test_export_through_the_cli(graph, runs, tmp_path, neo4j_uri, monkeypatch):
+    from click.testing import CliRunner
+
+    from g2is_graph.cli import main
+
+    _, made = runs
+    monkeypatch.setenv("NEO4J_URI", neo4j_uri)
+    monkeypatch.setenv("G2IS_HOME", str(tmp_path / "home"))
+    runner = CliRunner()
+    done = runner.invoke(main, ["-q", "export", made["less"], "--format", "llama-factory", "--out", "lf",
+                                "--name", "picked"])
+    assert done.exit_code == 0, done.output
+    assert "8 records, 40 score rows" in done.output and (tmp_path / "lf" / "picked.scores.jsonl").exists()
+    assert "picked" in json.loads((tmp_path / "lf" / "dataset_info.json").read_text())
+    ids = (tmp_path / "runs" / made["g2is"] / "ids.txt").read_text().split()
+    plain = [int(i[1:]) % 5 == 4 for i in ids]  # the pool's string prompt/completion records
+    raw = runner.invoke(main, ["-q", "export", made["g2is"], "--format", "hf", "--out", "hf",
+                               "--prompt-completion", "raw"])
+    if any(plain) and not all(plain):  # raw strings beside conversations cannot share one TRL dataset
+        assert raw.exit_code == 2 and "mixes string prompt/completion records" in raw.output
+        assert "Traceback" not in raw.output
+    else:
+        assert raw.exit_code == 0, raw.output
+    missing = runner.invoke(main, ["-q", "export", "no-such-run", "--format", "jsonl", "--out", "x"])
+    assert missing.exit_code == 2 and "no selection run 'no-such-run'" in missing.output
