@@ -294,16 +294,43 @@ def components_section(view: RunView) -> str:
            f"cumulative explained variance exceeds it; budgets by largest remainder of N x weight.</p>"
 
 
-def diagnostics_section(view: RunView) -> str:
+def _value_html(value: Any) -> str:
+    """A diagnostics value: numbers rounded, maps inline, lists of maps as a small table."""
+    if isinstance(value, float):
+        return _e(f"{value:.4g}")
+    if isinstance(value, dict):
+        return "; ".join(f"{_e(k)} {_value_html(v)}" for k, v in value.items()) or "–"
+    if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+        keys = list(dict.fromkeys(k for v in value for k in v))
+        return _table(keys, [[_value_html(v.get(k)) for k in keys] for v in value], "sub",
+                      raw_columns=tuple(range(len(keys))))
+    if isinstance(value, list):
+        return ", ".join(_value_html(v) for v in value) or "–"
+    return _e(_num(value))
+
+
+def run_diagnostics(view: RunView) -> dict[str, Any] | None:
     diagnostics = view.props.get("diagnostics")
-    if diagnostics:
-        values = json.loads(diagnostics) if isinstance(diagnostics, str) else diagnostics
-        rows = [[k, json.dumps(v) if isinstance(v, (dict, list)) else v] for k, v in sorted(values.items())]
-        return _table(["diagnostic", "value"], rows, "diagnostics")
+    if not diagnostics:
+        return None
+    return json.loads(diagnostics) if isinstance(diagnostics, str) else dict(diagnostics)
+
+
+def diagnostics_section(view: RunView) -> str:
+    """The run's regime diagnostics (a JSON map on the run, written by G2IS runs once issue 18 is in), its
+    warnings first; or, for a run without them, what the run record holds."""
+    diagnostics = run_diagnostics(view)
+    if diagnostics is not None:
+        warnings = diagnostics.pop("warnings", None) or []
+        head = "".join(f"<p class='warn'>warning: {_e(w)}</p>" for w in warnings)
+        rows = [[_e(k), _value_html(v)] for k, v in diagnostics.items()]
+        return (f"<div data-section='regime-diagnostics'>{head}"
+                f"{_table(['diagnostic', 'value'], rows, 'diagnostics', raw_columns=(0, 1))}</div>")
     present = sorted(k for k in view.props if k not in ("rejections",))
     return ("<div class='placeholder' data-section='regime-diagnostics'><p>No regime diagnostics in this run "
-            "record yet: issue 18 adds them (they will appear here as a table). What the run record holds "
-            "today:</p><p><code>" + ", ".join(_e(k) for k in present) + "</code></p></div>")
+            "record (G2IS runs record them from issue 18 on: picks per component, anchor/walk/fallback shares, "
+            "rejections, alignment, pool cosines, CONFLICT edges). What the run record holds:</p><p><code>"
+            + ", ".join(_e(k) for k in present) + "</code></p></div>")
 
 
 def rejections_section(view: RunView) -> str:
@@ -382,7 +409,9 @@ def comparison_section(views: list[RunView]) -> str:
             ["components (budgets)", *[", ".join(str(c.get("budget")) for c in v.components) or "–" for v in views]],
             ["how", *[", ".join(f"{k} {n}" for k, n in Counter(p["how"] for p in v.picks).items()) for v in views]],
             ["rejections", *[len(v.rejections) for v in views]],
-            ["shortfall", *[v.props.get("shortfall", "–") for v in views]]]
+            ["shortfall", *[v.props.get("shortfall", "–") for v in views]],
+            ["regime warnings", *[len((run_diagnostics(v) or {}).get("warnings") or []) if run_diagnostics(v)
+                                  else "–" for v in views]]]
     rows += [[f"config: {k}", *[json.dumps(v.config.get(k)) for v in views]] for k in differing]
     return (f"<section id='compare'><h2>Side by side</h2>{_table(head, rows, 'compare')}"
             f"<h3>Overlap</h3>{overlap_matrix(views)}<h3>Per source</h3>{sources_section(views)}</section>")
@@ -402,7 +431,8 @@ svg .val{font-size:11px;fill:#566573}svg .axis{stroke:#aab7b8}svg .lane{font-siz
 svg .lanesep{stroke:#e5e8e8}svg .edge{stroke:#5d6d7e;stroke-width:1.3}svg .edge.fallback{stroke:#e67e22}
 svg .rej{stroke-width:1.6}svg .more{font-size:9px;fill:#566573}svg .line{fill:none;stroke:#2e86c1;stroke-width:2}
 svg .cell{font-size:15px;font-weight:600;fill:#1c2833}svg .nid{font-size:9px;fill:#566573}svg .cellsub{font-size:10px;fill:#566573}
-input.filter{margin:4px 0;padding:4px 8px;width:320px}
+input.filter{margin:4px 0;padding:4px 8px;width:320px}.warn{color:#a04000;font-weight:600}
+table.sub{margin:0;font-size:11.5px}
 """
 
 SCRIPT = """

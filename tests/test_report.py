@@ -78,13 +78,36 @@ def test_report_of_several_runs_renders_in_chromium_with_its_plots_and_no_errors
     assert facts["walkEdges"] == sum(1 for p in g2is.picks if p.how in ("walk", "fallback"))
     assert facts["scripts"] == 1 and "<script>alert('x')</script>" not in html  # escaped, and the text shows
     assert facts["text"].count("<script>alert('x')</script>") >= 30
-    assert facts["diagnostics"] == 3 and "issue 18" in facts["text"]
+    assert facts["diagnostics"] == 3 and "issue 18" in facts["text"]  # none of these runs carries them yet
     first = g2is.picks[0]
     assert f"Selected at rank 1 for component {first.component}" in facts["text"]
     assert filtered["hidden"] and all("r4" in t for t in filtered["shown"]) and not any("r4" in t for t in filtered["hidden"])
     image = Image.open(shot)
     assert image.width == 1400 and image.height > 1000
     assert len(image.convert("RGB").getcolors(maxcolors=1 << 20)) > 50  # drawn, not a blank page
+
+
+def test_regime_diagnostics_of_a_run_are_shown_with_their_warnings_first(graph, runs, tmp_path):
+    """A run record carrying diagnostics as issue 18 writes them (a JSON map with warnings) gets a table."""
+    import json
+
+    diagnostics = {"components": 2, "budget_per_component": {"min": 5, "median": 5.0, "max": 5},
+                   "share": {"anchor": 0.2, "walk": 0.7, "fallback": 0.1}, "rejections": {"conflict": 3},
+                   "alignment": [{"component": 0, "anchor": 0.81, "end": 0.77}], "conflict_edges": 0,
+                   "warnings": ["the graph has no CONFLICT edge <b>here</b>"]}
+    graph.write("run_finish", id=runs["g2is"].id, props={"diagnostics": json.dumps(diagnostics)}, status="complete")
+    page = write_report(graph, [runs["g2is"].id, runs["less"].id], tmp_path / "diag.html")
+    with Browser() as browser:
+        events = browser.open(page.as_uri())
+        facts = browser.evaluate("""(() => ({
+          tables: document.querySelectorAll('[data-section=regime-diagnostics] table.diagnostics').length,
+          placeholders: document.querySelectorAll('.placeholder[data-section=regime-diagnostics]').length,
+          warning: document.querySelector('[data-section=regime-diagnostics] .warn').textContent,
+          alignment: document.querySelector('table.diagnostics table.sub').rows.length,
+        }))()""")
+    assert page_problems(events) == []
+    assert facts == {"tables": 1, "placeholders": 1, "warning": "warning: the graph has no CONFLICT edge <b>here</b>",
+                     "alignment": 2}
 
 
 def test_report_of_one_run_through_the_cli_and_an_unknown_run(graph, runs, tmp_path, neo4j_uri, monkeypatch):
