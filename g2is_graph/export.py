@@ -39,8 +39,7 @@ from .config import ConfigError, DataConfig, SelectionConfig, build, to_jsonable
 from .data import Record, _parse_line
 from .graph import Graph, GraphError
 from .numerics import exact_matvec
-from .selection import SpaceInfo, components_of, load_validation, original_lines, space_info
-from .walk import vector_pages
+from .selection import SpaceInfo, components_of, load_validation, original_lines, space_info, vector_pages
 
 FORMATS = ("llama-factory", "hf", "jsonl")
 SCORED_METHODS = ("less", "embedding", "no-graph")
