@@ -25,6 +25,19 @@ EXIT_BAD_INPUT = 2
 EXIT_UNAVAILABLE = 3
 EXIT_SERVER = 4
 
+def _late_errors() -> dict[type, tuple[int, str]]:
+    """Errors of the export, report and warmup-import modules (imported here so `g2is --help` stays fast)."""
+    from ingest.warmup_import import WarmupImportError
+
+    from .export import ExportError
+    from .report import ReportError
+
+    return {ExportError: (EXIT_BAD_INPUT, "the run, its source files or the graph do not allow this export"),
+            ReportError: (EXIT_BAD_INPUT, "`g2is runs` lists the runs"),
+            WarmupImportError: (EXIT_BAD_INPUT, "import the checkpoints of one LoRA run with the base model it "
+                                                "was trained on")}
+
+
 USER_ERRORS: dict[type, tuple[int, str]] = {
     cfg.ConfigError: (EXIT_BAD_INPUT, "fix the config value named above"),
     GraphUnavailable: (EXIT_UNAVAILABLE, "`g2is neo4j status` shows the local server; NEO4J_URI selects another"),
@@ -34,6 +47,10 @@ USER_ERRORS: dict[type, tuple[int, str]] = {
     ModelError: (EXIT_BAD_INPUT, "pass an HF model folder or a .gguf file"),
     StoreError: (EXIT_BAD_INPUT, "the feature store named above is incomplete, corrupted or from another setup"),
 }
+
+
+def user_errors() -> dict[type, tuple[int, str]]:
+    return USER_ERRORS | _late_errors()
 
 
 class Context:
@@ -71,8 +88,8 @@ class G2isGroup(click.Group):
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
-        except tuple(USER_ERRORS) as exc:
-            code, hint = next(v for t, v in USER_ERRORS.items() if isinstance(exc, t))
+        except tuple(user_errors()) as exc:  # evaluated only when something was raised
+            code, hint = next(v for t, v in user_errors().items() if isinstance(exc, t))
             verbose = bool(ctx.obj and ctx.obj.verbose) or "--verbose" in sys.argv or "-v" in sys.argv
             if verbose:
                 import traceback
@@ -111,12 +128,19 @@ def neo4j() -> None:
 
 
 @neo4j.command("start")
+@click.option("--browser", is_flag=True, default=None,
+              help="Also serve Neo4j Browser on 127.0.0.1 (same login; docs/neo4j-browser.md). Off by default.")
 @click.pass_obj
-def neo4j_start(obj: Context) -> None:
+def neo4j_start(obj: Context, browser) -> None:
     """Fetch the jars once, start the server on 127.0.0.1 and wait until Bolt answers."""
-    status = LocalServer(obj.server_config()).start(echo=obj.echo)
+    config = obj.server_config()
+    if browser:
+        config = dataclasses.replace(config, browser=True)
+    status = LocalServer(config).start(echo=obj.echo)
     click.echo(status.line())
     click.echo(status.uri)
+    if config.browser and not status.browser:
+        obj.echo("note: the server was already running without the Browser; `g2is neo4j stop`, then start again")
 
 
 @neo4j.command("stop")
@@ -272,15 +296,17 @@ def data_mix(parts, out, seed, exclude) -> None:
 
 
 # -- ingest: warmup and gradients ----------------------------------------------------------
-def _data_config(obj: Context, max_length, template, skip_bad, **extra) -> cfg.DataConfig:
+def _data_config(obj: Context, max_length, template, skip_bad, prompt_completion=None, **extra) -> cfg.DataConfig:
     return obj.build(cfg.DataConfig, "data", max_length=max_length, template=template,
-                     skip_bad=True if skip_bad else None, **extra)
+                     skip_bad=True if skip_bad else None, prompt_completion=prompt_completion, **extra)
 
 
 data_options = [
     click.option("--max-length", type=int, default=None, help="Truncate examples to this many tokens."),
     click.option("--template", type=click.Choice(["model", "tulu"]), default=None,
                  help="Chat rendering: the model's chat template (default) or LESS's tulu form."),
+    click.option("--prompt-completion", type=click.Choice(["chat", "raw"]), default=None,
+                 help="String prompt/completion records: chat turns (default) or TRL's raw prompt + completion + EOS."),
     click.option("--skip-bad", is_flag=True, help="Skip bad records (reported in skipped.jsonl) instead of failing."),
 ]
 
@@ -312,7 +338,24 @@ def with_options(options):
     return wrap
 
 
-@main.command()
+class DefaultCommandGroup(click.Group):
+    """A group whose arguments go to its `run` subcommand unless they start with another subcommand's name, so
+    `g2is warmup POOL ...` keeps working beside `g2is warmup import ...`."""
+
+    default_command = "run"
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h"):
+            args = [self.default_command, *args]
+        return super().parse_args(ctx, args)
+
+
+@main.group("warmup", cls=DefaultCommandGroup)
+def warmup_group() -> None:
+    """LoRA warmup: `g2is warmup POOL...` (same as `warmup run`), or `warmup import` of a trainer's checkpoints."""
+
+
+@warmup_group.command("run")
 @click.argument("pool", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--model", "model_spec", required=True, help="HF model folder or .gguf file.")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Checkpoint directory.")
@@ -322,16 +365,36 @@ def with_options(options):
 @click.option("--lr", type=float, default=None)
 @with_options(training_options + data_options)
 @click.pass_obj
-def warmup(obj: Context, pool, model_spec, out, lora_r, lora_alpha, max_length, template, skip_bad, **flags) -> None:
+def warmup(obj: Context, pool, model_spec, out, lora_r, lora_alpha, max_length, template, prompt_completion, skip_bad,
+           **flags) -> None:
     """LoRA warmup on a seeded fraction of POOL; saves adapter + name-keyed Adam state per epoch."""
     from ingest.warmup import checkpoint_weights, run_warmup
 
     config = with_lora(obj.build(cfg.WarmupConfig, "warmup", **flags), lora_r, lora_alpha)
-    checkpoints = run_warmup(pool, model_spec, out, config, _data_config(obj, max_length, template, skip_bad),
+    data_config = _data_config(obj, max_length, template, skip_bad, prompt_completion)
+    checkpoints = run_warmup(pool, model_spec, out, config, data_config,
                              echo=obj.echo, progress=not obj.quiet)
     weights = checkpoint_weights(checkpoints)
     for checkpoint, weight in zip(checkpoints, weights):
         click.echo(f"{checkpoint.path}\tepoch {checkpoint.epoch}\tstep {checkpoint.step}\tweight {weight:.4f}")
+
+
+@warmup_group.command("import")
+@click.argument("checkpoints", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--model", "model_spec", required=True, help="The base model the adapter was trained on (folder or .gguf).")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Where the g2is checkpoints go (one folder per trainer checkpoint, same name).")
+@click.pass_obj
+def warmup_import(obj: Context, checkpoints, model_spec, out) -> None:
+    """HF Trainer / TRL / LLaMA-Factory LoRA CHECKPOINTS (adapter + optimizer.pt + trainer_state.json) of one run
+    as g2is warmup checkpoints: Adam moments keyed by parameter name, the logged learning rates."""
+    from ingest.warmup import checkpoint_weights
+    from ingest.warmup_import import import_checkpoints
+
+    imported = import_checkpoints(checkpoints, model_spec, out, echo=obj.echo)
+    for checkpoint, weight in zip(imported, checkpoint_weights(imported)):
+        click.echo(f"{checkpoint.path}\tstep {checkpoint.step}\tmean lr {checkpoint.identity()['mean_lr']:.3g}"
+                   f"\tweight {weight:.4f}")
 
 
 featurize_options = [
@@ -366,14 +429,14 @@ projector_options = [
 @with_options(data_options)
 @click.pass_obj
 def gradients(obj: Context, records, model_spec, checkpoints, out, projector_kind, dim, projector_seed, shard,
-              max_length, template, skip_bad, **flags) -> None:
+              max_length, template, prompt_completion, skip_bad, **flags) -> None:
     """Per-example projected LoRA gradient features of RECORDS, one store per checkpoint."""
     from ingest.gradients import parse_shard, run_gradients
 
     config = obj.build(cfg.GradientConfig, "gradients", **flags)
     projector = obj.build(cfg.ProjectorConfig, "projector", kind=projector_kind, dim=dim, seed=projector_seed)
     extra = {"eos_after_assistant": False} if config.kind == "sgd" and "eos_after_assistant" not in obj.section("data") else {}
-    data_config = _data_config(obj, max_length, template, skip_bad, **extra)
+    data_config = _data_config(obj, max_length, template, skip_bad, prompt_completion, **extra)
     result = run_gradients(records, model_spec, checkpoints, out, config, projector, data_config,
                            shard=parse_shard(shard), echo=obj.echo, progress=not obj.quiet)
     for path in result.stores:
@@ -422,7 +485,7 @@ def graph_build(obj: Context, stores, state_dir, validation_stores, **flags) -> 
 @with_options(projector_options + graph_options + data_options)
 @click.pass_obj
 def ingest(obj: Context, records, model_spec, checkpoints, features, projector_kind, dim, projector_seed, state_dir,
-           validation_stores, max_length, template, skip_bad, **flags) -> None:
+           validation_stores, max_length, template, prompt_completion, skip_bad, **flags) -> None:
     """Add new RECORDS to an existing graph: featurise only unseen content, then extend the graph."""
     from ingest.gradients import run_gradients
     from ingest.graph_build import build_graph, graph_content_hashes
@@ -432,7 +495,8 @@ def ingest(obj: Context, records, model_spec, checkpoints, features, projector_k
     config = obj.build(cfg.GraphConfig, "graph", **flags)
     job = run_gradients(records, model_spec, checkpoints, features, obj.build(cfg.GradientConfig, "gradients"),
                         obj.build(cfg.ProjectorConfig, "projector", kind=projector_kind, dim=dim, seed=projector_seed),
-                        _data_config(obj, max_length, template, skip_bad), echo=obj.echo, progress=not obj.quiet,
+                        _data_config(obj, max_length, template, skip_bad, prompt_completion), echo=obj.echo,
+                        progress=not obj.quiet,
                         skip_content=graph_content_hashes(state_dir))
     with obj.graph() as graph:
         result = build_graph(graph, job.stores, config, state_dir, validation_stores, echo=obj.echo,
@@ -477,7 +541,8 @@ def select_cmd(obj: Context, out, tasks, **flags) -> None:
         if config.method in ("embedding", "no-gradient"):
             from .embedding import select_by_embedding
 
-            result = select_by_embedding(graph, config, out, echo=obj.echo, progress=not obj.quiet)
+            result = select_by_embedding(graph, config, out, echo=obj.echo, progress=not obj.quiet,
+                                         sharegpt=obj.build(cfg.DataConfig, "data").sharegpt)
         else:
             result = select(graph, config, out, echo=obj.echo, progress=not obj.quiet)
     click.echo(result.summary())
@@ -521,6 +586,45 @@ def runs_compare(obj: Context, run_ids) -> None:
         click.echo(json.dumps(compare_runs(graph, list(run_ids)), indent=2))
 
 
+@main.command("export")
+@click.argument("run_id")
+@click.option("--format", "fmt", required=True, type=click.Choice(["llama-factory", "hf", "jsonl"]),
+              help="llama-factory: messages jsonl + dataset_info.json entry; hf: a datasets folder (parquet) of TRL "
+                   "prompt-completion rows; jsonl: the original records.")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Export folder (for llama-factory it may be LLaMA-Factory's data/ folder: the entry is merged).")
+@click.option("--name", default=None, help="Dataset name (default g2is_<run id>).")
+@click.option("--source-root", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="The folder the pool was ingested from, when its recorded paths are relative (default: here).")
+@click.option("--no-scores", is_flag=True, help="Do not recompute and write the pool's scores.")
+@click.option("--prompt-completion", type=click.Choice(["chat", "raw"]), default=None,
+              help="How string prompt/completion records were rendered at ingest (default: [data] or chat).")
+@click.pass_obj
+def export_cmd(obj: Context, run_id, fmt, out, name, source_root, no_scores, prompt_completion) -> None:
+    """Write RUN's selection for a trainer, with a scores file for every pool sample of a scored method."""
+    from .export import export_run
+
+    data = obj.build(cfg.DataConfig, "data", prompt_completion=prompt_completion)
+    with obj.graph() as graph:
+        result = export_run(graph, run_id, fmt, out, data, name, source_root, not no_scores, echo=obj.echo,
+                            progress=not obj.quiet)
+    click.echo(result.summary())
+    click.echo(str(result.out_dir / result.files["manifest"]))
+
+
+@main.command("report")
+@click.argument("run_ids", nargs=-1, required=True)
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="The HTML file to write.")
+@click.pass_obj
+def report_cmd(obj: Context, run_ids, out) -> None:
+    """One self-contained HTML page of RUN(s): components, picks and why, walk paths, rejections, sources, overlap."""
+    from .report import write_report
+
+    with obj.graph() as graph:
+        path = write_report(graph, list(run_ids), out)
+    click.echo(str(path))
+
+
 # -- use: fine-tuning and evaluation ---------------------------------------------------------
 @main.command("finetune")
 @click.argument("records", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
@@ -530,15 +634,19 @@ def runs_compare(obj: Context, run_ids) -> None:
 @click.option("--lr", type=float, default=None, help="Default 2e-5.")
 @click.option("--warmup-ratio", type=float, default=None, help="Default 0.3.")
 @click.option("--schedule", type=click.Choice(["cosine", "linear"]), default=None)
+@click.option("--base-model", default=None,
+              help="The base model's hub id for adapter_config.json (default: a hub cache folder's id, else "
+                   "sha256:<weights>).")
 @with_options(training_options + data_options)
 @click.pass_obj
-def finetune_cmd(obj: Context, records, model_spec, out, lora_r, lora_alpha, max_length, template, skip_bad,
-                 **flags) -> None:
+def finetune_cmd(obj: Context, records, model_spec, out, lora_r, lora_alpha, max_length, template, prompt_completion,
+                 skip_bad, **flags) -> None:
     """LoRA fine-tuning on RECORDS (e.g. a run's selected.jsonl); resumable; the adapter loads with plain peft."""
     from .finetune import run_finetune
 
     config = with_lora(obj.build(cfg.FinetuneConfig, "finetune", **flags), lora_r, lora_alpha)
-    result = run_finetune(records, model_spec, out, config, _data_config(obj, max_length, template, skip_bad),
+    data_config = _data_config(obj, max_length, template, skip_bad, prompt_completion)
+    result = run_finetune(records, model_spec, out, config, data_config,
                           echo=obj.echo, progress=not obj.quiet)
     click.echo(f"{result.adapter}\t{result.n_examples} examples\t{result.steps} steps\tlast loss {result.final_loss:.4f}")
 
@@ -554,7 +662,8 @@ def finetune_cmd(obj: Context, records, model_spec, out, lora_r, lora_alpha, max
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None)
 @with_options(data_options)
 @click.pass_obj
-def evaluate_cmd(obj: Context, test, model_spec, adapters, out, max_length, template, skip_bad, **flags) -> None:
+def evaluate_cmd(obj: Context, test, model_spec, adapters, out, max_length, template, prompt_completion, skip_bad,
+                 **flags) -> None:
     """Answer loss (and choice accuracy) on TEST jsonl for the base model and each adapter; JSON + PNG."""
     from .evaluate import EvaluateConfig, run_evaluate, table
 
@@ -565,7 +674,8 @@ def evaluate_cmd(obj: Context, test, model_spec, adapters, out, max_length, temp
             raise cfg.ConfigError(f"--adapter {item!r}: expected NAME=DIR with an adapter directory")
         named[name] = Path(path)
     config = obj.build(EvaluateConfig, "evaluate", **flags)
-    report = run_evaluate(model_spec, named, test, out, _data_config(obj, max_length, template, skip_bad), config,
+    data_config = _data_config(obj, max_length, template, skip_bad, prompt_completion)
+    report = run_evaluate(model_spec, named, test, out, data_config, config,
                           progress=not obj.quiet)
     click.echo(table(report["results"]))
     click.echo(f"{out}/results.json\t{out}/comparison.png")

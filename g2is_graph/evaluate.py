@@ -91,7 +91,9 @@ def evaluate_model(model, tokenizer, records: Sequence[Record], data_config: Dat
         correct = []
         for record, choices, answer in tqdm(items, desc=f"choices {label}", disable=not progress):
             prompt = [m for m in record.messages if m.role != "assistant"]
-            variants = [dataclasses.replace(record, messages=tuple(prompt) + (Message("assistant", c),)) for c in choices]
+            start = len(prompt) if record.completion_from is not None else None
+            variants = [dataclasses.replace(record, messages=tuple(prompt) + (Message("assistant", c),),
+                                            completion_from=start) for c in choices]
             loglik = -answer_losses(model, [encode(v, tokenizer, data_config) for v in variants],
                                     tokenizer.pad_token_id, config.batch_size, reduce="sum")
             correct.append(int(np.argmax(loglik)) == answer)
@@ -112,7 +114,7 @@ def run_evaluate(model_spec: str | Path, adapters: dict[str, Path], test_paths: 
                  progress: bool = True) -> dict[str, Any]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    records = read_many(test_paths).records
+    records = read_many(test_paths, sharegpt=data_config.sharegpt).records
     if not records:
         raise ConfigError("no test records in " + ", ".join(str(p) for p in test_paths))
     device = pick_device(config.device)

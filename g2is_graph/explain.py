@@ -84,7 +84,13 @@ def _answer(graph: Graph, run: dict[str, Any], picks: list[dict[str, Any]], samp
     return text
 
 
-def _selected_words(pick: dict[str, Any], path: list[dict[str, Any]]) -> str:
+def path_words(ids: list[str], total: int | None = None) -> str:
+    """A walk path as text; `total` > len(ids) says the path was cut after its first len(ids) picks."""
+    text = " <- ".join(ids)
+    return text + f" <- ... ({total} picks in all)" if total is not None and total > len(ids) else text
+
+
+def _selected_words(pick: dict[str, Any], path: list[dict[str, Any]], path_total: int | None = None) -> str:
     how = pick["how"]
     head = f"Selected at rank {pick['rank']} for component {pick['component']} (step {pick['step']}) "
     if how == "anchor":
@@ -97,7 +103,7 @@ def _selected_words(pick: dict[str, Any], path: list[dict[str, Any]]) -> str:
         return head + (f"by the walk from {pick['from_id']} along a SIMILAR edge (cos {pick['edge_cos']:.4f}); "
                        f"it conflicted with no selected sample (min cos {min_cos if min_cos is None else round(min_cos, 4)}) "
                        f"and kept the set aligned with the component (consistency ratio {pick['consistency']:.3f}). "
-                       f"Walk path back to the anchor: {' <- '.join(p['id'] for p in path)}.")
+                       f"Walk path back to the anchor: {path_words([p['id'] for p in path], path_total)}.")
     if how == "random":
         return head + "by seeded random sampling."
     return head + f"by score {pick.get('cos_k', 0):.4f} (top of the {how} ranking)."

@@ -4,6 +4,10 @@ The server is `org.neo4j.server.CommunityEntryPoint` launched directly with Java
 `bin/neo4j` script is not on Maven Central), so JVM flags are passed on the command line. Its state
 directory holds conf, data, logs, the pid and, when auth is on, a generated password (mode 0600).
 Only the pid this module started is ever signalled, after checking its command line.
+
+With `browser` on (off by default), the `org.neo4j.client:neo4j-browser` jar joins the classpath and the HTTP
+connector listens on 127.0.0.1 only, so Neo4j Browser is served at http://127.0.0.1:<http port>/browser/ behind
+the same authentication, with the Browser's telemetry off.
 """
 
 from __future__ import annotations
@@ -61,9 +65,13 @@ class ServerStatus:
     auth: bool
     state_dir: Path
 
+    browser: str | None = None  # the Neo4j Browser URL when served
+
     def line(self) -> str:
         if self.state == "running":
-            return f"running: pid {self.pid}, {self.uri} (auth {'on' if self.auth else 'off'}), state {self.state_dir}"
+            browser = f", Neo4j Browser at {self.browser}" if self.browser else ""
+            return (f"running: pid {self.pid}, {self.uri} (auth {'on' if self.auth else 'off'}){browser}, "
+                    f"state {self.state_dir}")
         if self.state == "stale":
             return f"stale: pid file names {self.pid}, which is not a running server; state {self.state_dir}"
         return f"stopped: state {self.state_dir}"
@@ -126,6 +134,36 @@ class LocalServer:
             staging.rename(self.jar_dir)
         return self.jar_dir
 
+    def ensure_browser_jar(self, echo=print) -> Path:
+        """Fetch the Neo4j Browser jar with Maven once; the directory appears only when complete."""
+        target = self.config.resolved_browser_dir()
+        if (target / ".complete").exists():
+            return target
+        if shutil.which("mvn") is None:
+            raise ServerError("Maven (mvn) is not installed: it is needed once to fetch the Neo4j Browser jar")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        artifact = f"org.neo4j.client:neo4j-browser:{self.config.browser_version}"
+        echo(f"fetching {artifact} from Maven Central into {target} (first run only)")
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+            staging = Path(tmp) / "lib"
+            cmd = ["mvn", "-B", "-q", f"org.apache.maven.plugins:maven-dependency-plugin:{MAVEN_DEPENDENCY_PLUGIN}:copy",
+                   f"-Dartifact={artifact}", f"-DoutputDirectory={staging}"]
+            done = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp)
+            if done.returncode != 0 or not list(staging.glob("*.jar")):
+                tail = "\n".join((done.stdout + done.stderr).splitlines()[-15:])
+                raise ServerError(f"Maven could not fetch {artifact}:\n{tail}")
+            (staging / ".complete").write_text(self.config.browser_version + "\n")
+            if target.exists():
+                shutil.rmtree(target)
+            staging.rename(target)
+        return target
+
+    def browser_conf(self, http_port: int) -> dict[str, str]:
+        """The HTTP connector on loopback only, and no telemetry from the Browser."""
+        return {"server.http.enabled": "true", "server.http.listen_address": f"127.0.0.1:{http_port}",
+                "server.http.advertised_address": f"127.0.0.1:{http_port}",
+                "client.allow_telemetry": "false"}
+
     # -- status ----------------------------------------------------------------------------
     def _read_info(self) -> dict:
         try:
@@ -152,7 +190,7 @@ class LocalServer:
         info = self._read_info()
         pid = self._owned_pid()
         if pid is not None and _process_alive(pid):
-            return ServerStatus("running", pid, info.get("uri"), bool(info.get("auth")), self.home)
+            return ServerStatus("running", pid, info.get("uri"), bool(info.get("auth")), self.home, info.get("browser"))
         if self.pid_file.exists():
             try:
                 stale = int(self.pid_file.read_text().strip())
@@ -173,13 +211,18 @@ class LocalServer:
         if not java.exists():
             raise ServerError(f"Java 17 not found at {java}; set [server] java in g2is.toml (Neo4j 5.26 needs Java 17)")
         jars = self.ensure_jars(echo)
+        classpath = f"{jars}/*"
+        http_port = None
+        if self.config.browser:
+            classpath += f":{self.ensure_browser_jar(echo)}/*"
+            http_port = self.config.http_port if _port_free(self.config.http_port) else _free_port()
         for sub in ("conf", "data", "logs", "run", "plugins"):
             (self.home / sub).mkdir(parents=True, exist_ok=True)
         os.chmod(self.home, 0o700)
         port = self.config.port if _port_free(self.config.port) else _free_port()
-        self._write_conf(port)
+        self._write_conf(port, http_port)
         cmd = [str(java), f"-Xms{self.config.heap}", f"-Xmx{self.config.heap}", *JVM_FLAGS,
-               "-cp", f"{jars}/*", ENTRY_POINT, f"--home-dir={self.home}",
+               "-cp", classpath, ENTRY_POINT, f"--home-dir={self.home}",
                f"--config-dir={self.home / 'conf'}", "--console-mode"]
         log = open(self.console_log, "ab")
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -187,8 +230,9 @@ class LocalServer:
         log.close()
         self.pid_file.write_text(f"{proc.pid}\n")
         uri = f"bolt://127.0.0.1:{port}"
+        browser = f"http://127.0.0.1:{http_port}/browser/" if http_port else None
         self.info_file.write_text(json.dumps({"uri": uri, "port": port, "auth": self.config.auth,
-                                              "version": self.config.version, "pid": proc.pid}))
+                                              "version": self.config.version, "pid": proc.pid, "browser": browser}))
         self._wait_ready(proc, uri)
         if self.config.auth:
             self._ensure_password(uri)
@@ -218,7 +262,7 @@ class LocalServer:
                 time.sleep(0.05)
 
     # -- internals -------------------------------------------------------------------------
-    def _write_conf(self, port: int) -> None:
+    def _write_conf(self, port: int, http_port: int | None = None) -> None:
         h = self.home
         lines = {
             "server.bolt.enabled": "true",
@@ -238,6 +282,8 @@ class LocalServer:
             "dbms.memory.transaction.total.max": self.config.transaction_max,
             "db.tx_log.rotation.retention_policy": "keep_none",
         }
+        if http_port is not None:
+            lines.update(self.browser_conf(http_port))
         (h / "conf" / "neo4j.conf").write_text("".join(f"{k}={v}\n" for k, v in lines.items()))
 
     def _wait_ready(self, proc: subprocess.Popen, uri: str) -> None:

@@ -80,3 +80,67 @@ def write_pool(path: Path, n: int, seed: int = 0, prefix: str = "") -> Path:
 @pytest.fixture()
 def pool_file(tmp_path) -> Path:
     return write_pool(tmp_path / "pool.jsonl", 30)
+
+
+def write_schema_pool(path: Path, n: int) -> Path:
+    """Records in every input schema (messages, ShareGPT, Alpaca with a system, TRL conversational and plain
+    prompt/completion), single-turn so every trainer format can hold them; every prompt carries HTML-hostile
+    text, which pages showing the records must escape."""
+    import json
+
+    hostile = "<script>alert('x')</script> & \"q\""
+    with open(path, "w") as fh:
+        for i in range(n):
+            kind = i % 5
+            if kind == 0:
+                obj = {"messages": [{"role": "system", "content": "Be brief."},
+                                    {"role": "user", "content": f"What is {i} + 1? {hostile}"},
+                                    {"role": "assistant", "content": str(i + 1)}], "dataset": "math"}
+            elif kind == 1:
+                obj = {"conversations": [{"from": "system", "value": "You count."},
+                                         {"from": "human", "value": f"Count to {i % 7 + 1} (item {i}). {hostile}"},
+                                         {"from": "gpt", "value": " ".join(str(k) for k in range(1, i % 7 + 2))}],
+                       "dataset": "sharegpt"}
+            elif kind == 2:
+                obj = {"instruction": f"Name a colour {hostile}", "input": f"number {i}", "output": "blue" if i % 2 else "red",
+                       "system": "Answer in one word.", "dataset": "alpaca"}
+            elif kind == 3:
+                obj = {"prompt": [{"role": "user", "content": f"Say {i} twice. {hostile}"}],
+                       "completion": [{"role": "assistant", "content": f"{i} {i}"}], "dataset": "trl"}
+            else:
+                obj = {"prompt": f"Echo {i} {hostile}", "completion": f"echo {i}", "dataset": "plain"}
+            fh.write(json.dumps({"id": f"r{i}", **obj}) + "\n")
+    return path
+
+
+def build_selection_graph(graph: Graph, root: Path, n: int = 40, dim: int = 24, seed: int = 3) -> Path:
+    """A graph whose samples are the records of a real jsonl pool (source paths recorded relative to `root`, as
+    an ingest run from `root` records them), with synthetic features and two validation tasks."""
+    import os
+
+    import numpy as np
+
+    from g2is_graph.config import GraphConfig
+    from g2is_graph.data import read_jsonl
+    from g2is_graph.store import record_row
+    from g2is_graph.synthetic import clustered_vectors, synthetic_rows, synthetic_store
+    from ingest.graph_build import build_graph
+
+    pool = write_schema_pool(root / "pool.jsonl", n)
+    here = os.getcwd()
+    os.chdir(root)
+    try:
+        rows = [record_row(r) for r in read_jsonl("pool.jsonl").records]
+    finally:
+        os.chdir(here)
+    vectors = clustered_vectors(n, dim, clusters=6, spread=0.8, seed=seed)
+    train = synthetic_store(root / "train" / "c", vectors, rows)
+    rng = np.random.default_rng(seed)
+    val = vectors[rng.choice(n, 6, replace=False)] + 0.3 * rng.standard_normal((6, dim)).astype(np.float32)
+    val_rows = synthetic_rows(3, prefix="va", task="t1") + synthetic_rows(3, prefix="vb", task="t2", start=3)
+    for i, row in enumerate(val_rows):  # validation texts for the embedding baseline: pool records 0..5
+        row["source_file"], row["line"] = "pool.jsonl", i + 1
+    val_store = synthetic_store(root / "val" / "c", val, val_rows, kind="sgd")
+    build_graph(graph, [train.path], GraphConfig(k=12, exact=True, device="cpu"), root / "state",
+                validation_stores=[val_store.path], progress=False)
+    return pool

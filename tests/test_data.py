@@ -28,7 +28,7 @@ def test_three_schemas_read_to_the_same_shape(tmp_path):
     assert [r.id for r in records[::2]] == ["a", "7"]
     assert records[1].id.startswith("sha256:") and records[1].id_generated
     assert [m.role for m in records[0].messages] == ["system", "user", "assistant"]
-    assert records[2].messages[0].content == "i\n\nin" and records[2].messages[1].content == "o"
+    assert records[2].messages[0].content == "i\nin" and records[2].messages[1].content == "o"  # LLaMA-Factory join
     assert records[1].line == 2 and records[1].raw == json.dumps({"prompt": "p", "completion": "c", "dataset": "d2"})
     # generated ids are stable: same content, same id
     assert read_jsonl(path).records[1].id == records[1].id
