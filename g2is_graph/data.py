@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -83,12 +83,15 @@ def _string(obj: dict, key: str, path, line: int, required: bool = True) -> str 
     return value
 
 
-def parse_messages(obj: dict, path, line: int) -> tuple[Message, ...]:
+def parse_messages(obj: dict, path, line: int, max_turns: int = DataConfig.max_turns) -> tuple[Message, ...]:
     """The conversation of one json object, whichever of the three schemas it uses."""
     if "messages" in obj:
         turns = obj["messages"]
         if not isinstance(turns, list) or not turns:
             raise RecordError(path, line, "messages", "must be a non-empty list of {role, content}")
+        if len(turns) > max_turns:
+            raise RecordError(path, line, "messages", f"{len(turns)} turns, more than max_turns {max_turns} "
+                              "([data] max_turns); split the conversation or raise the bound")
         messages = []
         for i, turn in enumerate(turns):
             name = f"messages[{i}]"
@@ -117,21 +120,48 @@ def parse_messages(obj: dict, path, line: int) -> tuple[Message, ...]:
                       f"'instruction'/'output'; keys are {sorted(obj)[:8]}")
 
 
-def read_jsonl(path: str | Path, skip_bad: bool = False) -> ReadResult:
-    """Read one jsonl file; duplicate ids (given or generated) are errors."""
+def _lines(path: Path, max_bytes: int) -> Iterator[tuple[int, bytes | int]]:
+    """(line number, line without its newline) of a file, streamed; a line longer than `max_bytes` is
+    never held in memory: its length in bytes comes instead of its content."""
+    try:
+        fh = open(path, "rb")
+    except OSError as exc:
+        raise RecordError(path, 0, None, f"cannot read: {exc.strerror or exc}") from exc
+    with fh:
+        number = 0
+        while line := fh.readline(max_bytes + 1):
+            number += 1
+            if line.endswith(b"\n"):
+                yield number, line[:-1]
+            elif len(line) <= max_bytes:
+                yield number, line  # the last line, without a newline
+            else:
+                length = len(line)
+                while (rest := fh.readline(1 << 20)) and not rest.endswith(b"\n"):
+                    length += len(rest)
+                yield number, length + max(0, len(rest) - 1)
+
+
+def read_jsonl(path: str | Path, skip_bad: bool = False, limits: DataConfig | None = None,
+               already: int = 0) -> ReadResult:
+    """Read one jsonl file, streamed, within the input bounds of `limits` (`already` records were read
+    from earlier files of the same pool); duplicate ids (given or generated) are errors."""
     path = Path(path)
+    limits = limits or DataConfig()
     records: list[Record] = []
     skipped: list[RecordError] = []
     seen: dict[str, int] = {}
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise RecordError(path, 0, None, f"cannot read: {exc.strerror or exc}") from exc
-    for number, raw_bytes in enumerate(data.split(b"\n"), start=1):
-        if not raw_bytes.strip():
+    for number, raw_bytes in _lines(path, limits.max_line_bytes):
+        if isinstance(raw_bytes, bytes) and not raw_bytes.strip():
             continue
+        if already + len(records) >= limits.max_records:
+            raise RecordError(path, number, None, f"more than max_records {limits.max_records} records "
+                              "([data] max_records); split the pool or raise the bound")
         try:
-            record = _parse_line(raw_bytes, path, number)
+            if isinstance(raw_bytes, int):
+                raise RecordError(path, number, None, f"line of {raw_bytes} bytes, more than max_line_bytes "
+                                  f"{limits.max_line_bytes} ([data] max_line_bytes); it was not parsed")
+            record = _parse_line(raw_bytes, path, number, limits.max_turns)
             if record.id in seen:
                 raise RecordError(path, number, "id", f"duplicate id {record.id!r} (first on line {seen[record.id]})"
                                   + (" (generated from identical content)" if record.id_generated else ""),
@@ -145,7 +175,7 @@ def read_jsonl(path: str | Path, skip_bad: bool = False) -> ReadResult:
     return ReadResult(records, skipped)
 
 
-def _parse_line(raw_bytes: bytes, path: Path, number: int) -> Record:
+def _parse_line(raw_bytes: bytes, path: Path, number: int, max_turns: int = DataConfig.max_turns) -> Record:
     try:
         raw = raw_bytes.decode("utf-8").rstrip("\r")
     except UnicodeDecodeError as exc:
@@ -156,7 +186,7 @@ def _parse_line(raw_bytes: bytes, path: Path, number: int) -> Record:
         raise RecordError(path, number, None, f"malformed JSON: {exc.msg} at column {exc.colno}") from exc
     if not isinstance(obj, dict):
         raise RecordError(path, number, None, f"each line must be a JSON object, got {type(obj).__name__}")
-    messages = parse_messages(obj, path, number)
+    messages = parse_messages(obj, path, number, max_turns)
     digest = content_hash(messages)
     record_id = obj.get("id")
     if record_id is not None and not isinstance(record_id, (str, int)) or isinstance(record_id, bool):
@@ -177,12 +207,14 @@ def _parse_line(raw_bytes: bytes, path: Path, number: int) -> Record:
     )
 
 
-def read_many(paths: Iterable[str | Path], skip_bad: bool = False) -> ReadResult:
-    """Several files as one pool; ids must be unique across all of them."""
+def read_many(paths: Iterable[str | Path], skip_bad: bool = False, limits: DataConfig | None = None) -> ReadResult:
+    """Several files as one pool (at most `limits.max_records` records in all); ids must be unique across
+    all of them."""
+    limits = limits or DataConfig()
     out = ReadResult([])
     first: dict[str, Record] = {}
     for path in paths:
-        result = read_jsonl(path, skip_bad)
+        result = read_jsonl(path, skip_bad, limits, already=len(out.records))
         out.skipped.extend(result.skipped)
         for record in result.records:
             if record.id in first:
@@ -219,13 +251,13 @@ class Encoded:
         return sum(1 for t in self.labels if t != IGNORE_INDEX)
 
 
-def _segments_model_template(messages: Sequence[Message], tokenizer, record: Record) -> list[tuple[str, bool]]:
-    """(text, is_loss) pieces whose concatenation is the chat template's rendering."""
+def _segments_model_template(messages: Sequence[Message], tokenizer, record: Record) -> Iterator[tuple[str, bool]]:
+    """(text, is_loss) pieces whose concatenation is the chat template's rendering, produced lazily: each
+    assistant turn renders the whole prefix again, so `encode` stops asking once max_length is reached."""
     if not getattr(tokenizer, "chat_template", None):
         raise RecordError(record.source_file, record.line, None,
                           "the tokenizer has no chat template; use template='tulu'", record.id)
     dicts = [{"role": m.role, "content": m.content} for m in messages]
-    segments: list[tuple[str, bool]] = []
     rendered = ""
     for i, message in enumerate(messages):
         if message.role != "assistant":
@@ -235,22 +267,19 @@ def _segments_model_template(messages: Sequence[Message], tokenizer, record: Rec
         if not prompt.startswith(rendered) or not full.startswith(prompt):
             raise RecordError(record.source_file, record.line, "messages",
                               "the chat template does not render prefixes consistently; use template='tulu'", record.id)
-        segments.append((prompt[len(rendered):], False))
-        segments.append((full[len(prompt):], True))
+        yield prompt[len(rendered):], False
+        yield full[len(prompt):], True
         rendered = full
-    return segments
 
 
-def _segments_tulu(messages: Sequence[Message], eos: str, eos_after_assistant: bool) -> list[tuple[str, bool]]:
+def _segments_tulu(messages: Sequence[Message], eos: str, eos_after_assistant: bool) -> Iterator[tuple[str, bool]]:
     """LESS / open-instruct's tulu rendering; the assistant header belongs to the masked prompt."""
-    segments: list[tuple[str, bool]] = []
     for message in messages:
         if message.role == "assistant":
-            segments.append(("<|assistant|>\n", False))
-            segments.append((message.content.strip() + (eos if eos_after_assistant else "") + "\n", True))
+            yield "<|assistant|>\n", False
+            yield message.content.strip() + (eos if eos_after_assistant else "") + "\n", True
         else:
-            segments.append((f"<|{message.role}|>\n{message.content.strip()}\n", False))
-    return segments
+            yield f"<|{message.role}|>\n{message.content.strip()}\n", False
 
 
 def encode(record: Record, tokenizer, config: DataConfig) -> Encoded:
@@ -274,10 +303,12 @@ def encode(record: Record, tokenizer, config: DataConfig) -> Encoded:
         piece = tokenizer(text, add_special_tokens=False)["input_ids"]
         ids.extend(piece)
         labels.extend(piece if is_loss else [IGNORE_INDEX] * len(piece))
+        if len(ids) >= config.max_length:
+            break  # everything after max_length is truncated: never render or tokenise it
     encoded = Encoded(ids[: config.max_length], labels[: config.max_length])
     if encoded.n_loss_tokens == 0:
         raise RecordError(record.source_file, record.line, "messages", "no loss token after truncation to "
-                          f"max_length {config.max_length} ({len(ids)} tokens)", record.id)
+                          f"max_length {config.max_length} ({len(ids)} tokens rendered)", record.id)
     return encoded
 
 
@@ -314,7 +345,7 @@ def collate(batch: Sequence[Encoded], pad_id: int):
 def load_pool(paths: Iterable[str | Path], tokenizer, config: DataConfig, report_dir: Path,
               echo=print) -> tuple[list[Record], list[Encoded]]:
     """Read and encode jsonl files; skipped records (with skip_bad) go to report_dir/skipped.jsonl."""
-    read = read_many(paths, config.skip_bad)
+    read = read_many(paths, config.skip_bad, config)
     records, encoded, skipped = encode_all(read.records, tokenizer, config)
     skipped = read.skipped + skipped
     if skipped:
