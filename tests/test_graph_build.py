@@ -155,9 +155,10 @@ def test_hnsw_build_reports_recall_and_extends_its_index(graph, tmp_path):
     first = synthetic_store(tmp_path / "a" / "ckpt", vectors[:500], rows[:500])
     result = build_graph(graph, [first.path], config, tmp_path / "state", progress=False)
     assert result.recall["similar"] >= 0.95 and result.recall["conflict"] >= 0.90
-    assert (tmp_path / "state" / "index.bin").exists()
+    assert (tmp_path / "state" / "index-1.bin").exists()
     second = synthetic_store(tmp_path / "b" / "ckpt", vectors[500:], rows[500:])
     result = build_graph(graph, [second.path], config, tmp_path / "state", progress=False)
+    assert (tmp_path / "state" / "index-2.bin").exists() and not (tmp_path / "state" / "index-1.bin").exists()
     assert result.n_nodes == 700 and result.recall["similar"] >= 0.95 and result.recall["conflict"] >= 0.90
     counts = graph.counts()
     assert counts["samples"] == 700 and counts["similar"] == 700 * 8 and counts["conflict"] == 700 * 8
