@@ -19,7 +19,8 @@ from .config import ConfigError, SelectionConfig
 from .data import _parse_line
 from .graph import Graph
 from .knowledge import components_for_tasks
-from .selection import RunResult, less_picks, n_to_select, original_lines, record_run, space_info, start_run
+from .selection import (OpenRun, RunResult, check_validation, less_picks, n_to_select, original_lines, record_run,
+                        space_info)
 from .walk import reference_walk
 
 
@@ -49,15 +50,20 @@ def embed(texts: list[str], encoder, progress: bool) -> np.ndarray:
 def select_by_embedding(graph: Graph, config: SelectionConfig, out_root: str | Path | None, echo=print,
                         progress: bool = True, encoder=None) -> RunResult:
     config.validate()
+    if config.method not in ("embedding", "no-gradient"):
+        raise ConfigError(f"method {config.method!r} is not an embedding method")
     space = space_info(graph)
     n = n_to_select(config, space.n_samples)
-    run_id = start_run(graph, config, space, n, vectors="all-MiniLM-L6-v2")
+    validation = check_validation(graph, space, config.tasks)
+    encoder = encoder or load_encoder()
+    with OpenRun(graph, config, space, n, out_root, vectors="all-MiniLM-L6-v2") as run:
+        return _select(run, validation, encoder, echo, progress)
+
+
+def _select(run: OpenRun, validation: list[dict], encoder, echo, progress: bool) -> RunResult:
+    graph, config, space, n = run.graph, run.config, run.space, run.n
     started = time.perf_counter()
     nodes = graph.read("space_nodes", space=space.id)
-    validation = graph.read("validation_nodes", space=space.id, tasks=list(config.tasks) or None)
-    if not validation:
-        raise ConfigError("no validation examples in the graph; add them with `g2is graph build --validation`")
-    encoder = encoder or load_encoder()
     train = embed(texts_at([(r["source_file"], r["line"]) for r in nodes]), encoder, progress)
     val = embed(texts_at([(r["source_file"], r["line"]) for r in validation]), encoder, progress)
     ids = [r["id"] for r in nodes]
@@ -68,8 +74,6 @@ def select_by_embedding(graph: Graph, config: SelectionConfig, out_root: str | P
         components = components_for_tasks(val, [r["task"] for r in validation], n, config.tau, config.centered,
                                           config.orient, config.multi_task)
         picks = reference_walk(train, ids, components, dataclasses.replace(config, candidates="all")).picks
-    else:
-        raise ConfigError(f"method {config.method!r} is not an embedding method")
     timings = {"select": time.perf_counter() - started}
-    result = RunResult(run_id, config.method, picks, [c.record() for c in components], None, None, timings)
-    return record_run(graph, result, config, space, out_root, echo)
+    result = RunResult(run.id, config.method, picks, [c.record() for c in components], None, None, timings)
+    return record_run(run, result, echo)
