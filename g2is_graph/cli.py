@@ -102,7 +102,7 @@ class G2isGroup(click.Group):
             return super().invoke(ctx)
         except tuple(USER_ERRORS) as exc:
             code, message, hint = error_lines(exc)
-            verbose = bool(ctx.obj and ctx.obj.verbose) or "--verbose" in sys.argv or "-v" in sys.argv
+            verbose = bool(ctx.params.get("verbose")) or "--verbose" in sys.argv or "-v" in sys.argv
             if verbose:
                 import traceback
 

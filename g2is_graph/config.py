@@ -151,7 +151,10 @@ def check_tables(values: dict[str, Any], source: str | Path) -> None:
     for name, table in values.items():
         if not isinstance(table, dict):
             raise ConfigError(f"{source}: {name} must be a table ([{name}]), not a {type(table).__name__}")
-        build(TABLES[name], table, name)
+        try:
+            build(TABLES[name], table, name)
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: {exc}") from exc
 
 
 def build(cls: type, values: dict[str, Any] | None, section: str) -> Any:

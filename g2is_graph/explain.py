@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 from .config import hinted
@@ -19,7 +20,12 @@ from .locks import ProcessIdentity
 
 
 def settle(graph: Graph, run: dict[str, Any]) -> dict[str, Any]:
-    """A `running` run whose process on this machine is gone (killed) will never complete: mark it failed."""
+    """A `running` run whose process on this machine is gone (killed) will never complete: mark it failed.
+    A complete run whose process was killed before it renamed its outputs: publish them."""
+    if run.get("status") == "complete" and run.get("out_dir"):
+        from .selection import publish_outputs
+
+        publish_outputs(Path(run["out_dir"]))
     if run.get("status") != "running":
         return run
     try:

@@ -237,24 +237,29 @@ class DatabaseLock:
             raise LockLost(f"{self.what}: another writer took the write lock over after this process's heartbeat "
                            f"lapsed for more than {self.stale_s:.0f} s; nothing more was written")
 
-    def release(self) -> None:
+    def release(self, write: bool = True) -> None:
+        """Stop the heartbeat and free the lock; `write=False` when the database is known to be unreachable
+        (the next writer then finds the lock's process gone, or its heartbeat stale)."""
         from .graph import GraphError, GraphUnavailable
 
         self._stop.set()
         if self._thread is not None:
-            self._thread.join()
+            self._thread.join(timeout=self.heartbeat_s)
             self._thread = None
         _HELD.discard(self.owner)
-        try:
-            self.graph.write("lock_release", lock=self.name, owner=self.owner)
-        except (GraphError, GraphUnavailable):
-            pass  # the server is gone: the next writer finds this process's lock stale or its own
+        if write:
+            try:
+                self.graph.write("lock_release", lock=self.name, owner=self.owner)
+            except (GraphError, GraphUnavailable):
+                pass
 
     def __enter__(self) -> "DatabaseLock":
         return self
 
-    def __exit__(self, *exc: Any) -> None:
-        self.release()
+    def __exit__(self, exc_type, exc, tb) -> None:
+        from .graph import GraphUnavailable
+
+        self.release(write=not isinstance(exc, GraphUnavailable))
 
 
 def _parse(text: str | None) -> Any:

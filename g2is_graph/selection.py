@@ -6,7 +6,8 @@ finished one; any error marks it `failed` with the reason, and a run whose proce
 `failed` by the next command that looks at it. Outputs in the run's directory: manifest.json (written
 first, with `status`: running, then failed or complete), and, only once the run is complete,
 selected.jsonl (the original records, in selection order, byte-for-byte) and ids.txt; until then they are
-`*.partial`.
+`*.partial` (with the complete manifest beside them, so a run killed right after it was marked complete is
+published by the next command that lists it).
 """
 
 from __future__ import annotations
@@ -80,7 +81,8 @@ def load_vectors(graph: Graph, space: SpaceInfo, page: int = 2000) -> tuple[np.n
         vectors[[r["row"] for r in records]] = page_vectors
         nodes += records
     if [n["row"] for n in nodes] != list(range(space.n_samples)):
-        raise GraphError(f"space {space.id}: node rows are not 0..{space.n_samples - 1}; rebuild the graph")
+        raise hinted(GraphError(f"space {space.id}: node rows are not 0..{space.n_samples - 1}"),
+                     "re-run `g2is graph build` with the graph's --state: it rewrites what the database lacks")
     return vectors, nodes
 
 
@@ -209,7 +211,7 @@ class OpenRun:
             pass
         if self.out_dir is not None:
             try:
-                for name in OUTPUT_FILES:
+                for name in OUTPUT_FILES + ("manifest.json",):
                     (self.out_dir / (name + PARTIAL)).unlink(missing_ok=True)
                 atomic_write_json(self.out_dir / "manifest.json", self.manifest_head("failed") | {"reason": reason},
                                   indent=2, sort_keys=True)
@@ -274,10 +276,10 @@ def record_run(run: OpenRun, result: RunResult, echo=print) -> RunResult:
         props.update(steps=walk.steps, round_trips=walk.round_trips, shortfall=walk.shortfall, scan=walk.scan,
                      filled=walk.filled, budgets=walk.budgets,
                      rejections=json.dumps([list(r.__dict__.values()) for r in walk.rejections]))
-    manifest = None
     if run.out_dir is not None:
         manifest = write_outputs(graph, result, config, space, run.out_dir, props) | run.manifest_head("complete")
-        props["out_dir"] = str(run.out_dir)
+        atomic_write_json(run.out_dir / ("manifest.json" + PARTIAL), manifest, indent=2, sort_keys=True)
+        props["out_dir"] = str(run.out_dir.resolve())
     now = space_info(graph)
     if now.build != space.build or now.n_samples != space.n_samples:
         raise hinted(GraphError(f"the graph was rebuilt while the run was selecting (build {space.build} -> "
@@ -285,14 +287,23 @@ def record_run(run: OpenRun, result: RunResult, echo=print) -> RunResult:
     graph.write("run_finish", id=result.id, props=props, status="complete")
     run.finished = True
     if run.out_dir is not None:
-        for name in OUTPUT_FILES:
-            os.replace(run.out_dir / (name + PARTIAL), run.out_dir / name)
-        atomic_write_json(run.out_dir / "manifest.json", manifest, indent=2, sort_keys=True)
+        publish_outputs(run.out_dir)
         result.out_dir = run.out_dir
     if walk is not None and walk.shortfall:
         echo(f"warning: the walk under-filled by {walk.shortfall} samples (components filled {walk.filled} of "
              f"{walk.budgets}); use --fallback paper or --reassign-shortfall to fill the budget")
     return result
+
+
+def publish_outputs(out_dir: Path) -> bool:
+    """Give a complete run's outputs their names, the manifest last (idempotent); False when there was nothing
+    to publish."""
+    if not (out_dir / ("manifest.json" + PARTIAL)).exists():
+        return False
+    for name in OUTPUT_FILES + ("manifest.json",):
+        if (out_dir / (name + PARTIAL)).exists():
+            os.replace(out_dir / (name + PARTIAL), out_dir / name)
+    return True
 
 
 def write_outputs(graph: Graph, result: RunResult, config: SelectionConfig, space: SpaceInfo, out_dir: Path,

@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -305,8 +305,8 @@ def _build_locked(graph: Graph, stores: list[FeatureStore], space: FeatureSpace,
     state = GraphState.open(state_dir, space, config)
     graph.init_schema()
     recorded = check_graph_space(graph, space.id)
-    incoming = [row["id"] for row in stores[0].rows()]  # a database of these samples may be taken over
-    census = refuse_foreign_graph(graph, state.dir, state.graph_id, state.data["ids"] + incoming, space.id, recorded)
+    census = refuse_foreign_graph(graph, state.dir, state.graph_id, state.data["ids"], space.id, recorded,
+                                  incoming=lambda: [row["id"] for row in stores[0].rows()])
 
     segment_key = [str(s.path.resolve()) for s in stores]
     known = {tuple(seg["stores"]) for seg in state.data["segments"]}
@@ -406,10 +406,11 @@ def _database_ids(graph: Graph, space_id: str) -> list[str]:
 
 
 def refuse_foreign_graph(graph: Graph, state_dir: Path, graph_id: str | None, state_ids: Sequence[str],
-                         space_id: str, recorded: dict[str, Any] | None) -> dict[str, Any]:
-    """Refuse a database that holds samples this state will not list (`state_ids`: its own and those it is
-    about to add): it holds a graph built from another state directory, and writing this state's lists over
-    it would leave a graph neither state describes. Returns the census of what the database holds."""
+                         space_id: str, recorded: dict[str, Any] | None,
+                         incoming: Callable[[], Sequence[str]] = tuple) -> dict[str, Any]:
+    """Refuse a database that holds samples this state will not list (its `state_ids` and the `incoming`
+    ones it is about to add): it holds a graph built from another state directory, and writing this state's
+    lists over it would leave a graph neither state describes. Returns the census of what the database holds."""
     census = graph.read("space_census", space=space_id)[0]
     if census["foreign"]:
         raise hinted(GraphError(f"the database holds {census['foreign']} samples of another feature space"),
@@ -417,7 +418,7 @@ def refuse_foreign_graph(graph: Graph, state_dir: Path, graph_id: str | None, st
     ours = graph_id is not None and recorded is not None and recorded.get("state_id") == graph_id
     if census["n"] == 0 or (ours and census["n"] <= len(state_ids)):
         return census
-    known = set(state_ids)
+    known = set(state_ids) | set(incoming())
     foreign = [i for i in _database_ids(graph, space_id) if i not in known]
     if not foreign:
         return census
@@ -457,8 +458,8 @@ def _add_segment(state: GraphState, stores, segment_key: list[str], config: Grap
             duplicates += 1
             continue
         if row["id"] in known_ids:
-            raise StoreError(f"{row['source_file']}:{row['line']}: id {row['id']!r} is already in the graph with "
-                             "different content; give the new record another id")
+            raise hinted(StoreError(f"{row['source_file']}:{row['line']}: id {row['id']!r} is already in the graph "
+                                    "with different content"), "give the new record another id")
         seen.add(row["content_hash"])
         known_ids.add(row["id"])
         taken.append(i)
