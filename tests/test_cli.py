@@ -27,14 +27,14 @@ def refused(args: list[str], code: int, env: dict[str, str] | None = None) -> tu
     ('[server]\nauth = "false"\n', "[server] auth must be true or false, not 'false' (str)"),
     ("[grpah]\nk = 8\n", "unknown table(s) or top-level key(s): grpah"),
 ])
-def test_config_files_with_wrong_types_or_unknown_tables(tmp_path, toml, message):
+def test_config_files_with_wrong_types_or_unknown_tables(isolated_home, tmp_path, toml, message):
     (tmp_path / "g2is.toml").write_text(toml)
-    error, hint = refused(["--config", str(tmp_path / "g2is.toml"), "db", "info"], 2)
+    error, hint = refused(["--config", str(tmp_path / "g2is.toml"), "neo4j", "status"], 2)
     assert message in error and "g2is.toml" in hint
 
 
-def test_config_naming_a_folder_and_bad_uris(tmp_path):
-    error, _ = refused(["--config", str(tmp_path), "db", "info"], 2)
+def test_config_naming_a_folder_and_bad_uris(isolated_home, tmp_path):
+    error, _ = refused(["--config", str(tmp_path), "neo4j", "status"], 2)
     assert "is a directory, not a TOML config file" in error
     for uri, message in (("foo://x", "the scheme must be one of bolt"), ("bolt://host:notaport", "Port could not")):
         error, _ = refused(["db", "info"], 2, env={"NEO4J_URI": uri, "NEO4J_PASSWORD": "pw-in-env"})
@@ -100,6 +100,6 @@ def test_full_and_unwritable_disks(pool_file, tmp_path, monkeypatch):
     assert [p.name for p in (tmp_path / "store").rglob("*") if p.is_file()] == []  # no torn file left
 
 
-def test_verbose_adds_the_traceback(tmp_path):
-    result = CliRunner().invoke(main, ["--verbose", "--config", str(tmp_path), "db", "info"])
+def test_verbose_adds_the_traceback(isolated_home, tmp_path):
+    result = CliRunner().invoke(main, ["--verbose", "--config", str(tmp_path), "neo4j", "status"])
     assert result.exit_code == 2 and "Traceback" in result.output and "error: " in result.output

@@ -246,10 +246,28 @@ def test_a_build_rewrites_what_the_database_lost_instead_of_calling_it_up_to_dat
     assert build_graph(graph, [store.path], EXACT, tmp_path / "state", progress=False).up_to_date
 
 
-def test_a_second_writer_is_refused_by_name_when_it_may_not_wait(graph, pool, tmp_path):
+def test_a_second_writer_waits_for_the_first_or_is_refused_by_name(graph, neo4j_uri, pool, tmp_path):
+    import threading
+    import time
+
     from g2is_graph.locks import DatabaseLock, FileLock, LockBusy
 
     _, store = pool
+    said = []
+    held = FileLock(tmp_path / "state" / "lock", "the state").acquire(0.0)
+
+    def second_writer():
+        with Graph(neo4j_uri) as other:
+            build_graph(other, [store.path], EXACT, tmp_path / "state", progress=False, echo=said.append)
+
+    waiting = threading.Thread(target=second_writer)
+    waiting.start()
+    time.sleep(2.0)  # however long it waits, nothing is written while another process holds the state
+    assert graph.counts()["samples"] == 0 and waiting.is_alive()
+    held.release()
+    waiting.join(timeout=120)
+    assert graph.counts()["samples"] == 60 and any("waiting for the graph state directory" in m for m in said)
+    graph.clear()
     no_wait = dataclasses.replace(EXACT, lock_wait_s=0.0)
     with FileLock(tmp_path / "state" / "lock", "the state").acquire(0.0):
         with pytest.raises(LockBusy, match=r"graph state directory .*state is in use by pid \d+ on .*since"):
@@ -300,11 +318,13 @@ def test_two_builds_into_one_state_at_once_end_in_the_sequential_graph(graph, ne
 
 def test_a_kill_between_the_hnsw_index_and_the_state_file_changes_no_edge(graph, tmp_path, monkeypatch):
     """Issue 15 (5): the process dies after the extended index is saved and before state.json names it."""
-    vectors = clustered_vectors(400, 32, clusters=8, seed=4)
-    rows = synthetic_rows(400)
-    first = synthetic_store(tmp_path / "a" / "ckpt", vectors[:300], rows[:300])
-    second = synthetic_store(tmp_path / "b" / "ckpt", vectors[300:], rows[300:])
-    config = GraphConfig(k=8, recall_sample=50, threads=1, device="cpu", edge_batch=100)
+    vectors = clustered_vectors(1000, 32, clusters=8, seed=4)
+    rows = synthetic_rows(1000)
+    first = synthetic_store(tmp_path / "a" / "ckpt", vectors[:700], rows[:700])
+    second = synthetic_store(tmp_path / "b" / "ckpt", vectors[700:], rows[700:])
+    # a small, approximate index (recall below 1), as at the scale of the issue: its insertion history shows
+    config = GraphConfig(k=8, m=4, ef=8, ef_construction=8, ef_negative=8, negative_candidates=8, similar_candidates=8,
+                         recall_sample=50, threads=1, device="cpu", edge_batch=250, node_batch=250)
     build_graph(graph, [first.path], config, tmp_path / "reference", progress=False)
     build_graph(graph, [second.path], config, tmp_path / "reference", progress=False)
     expected = (node_set(graph), edge_set(graph))
