@@ -204,6 +204,9 @@ class LocalServer:
     def start(self, echo=print) -> ServerStatus:
         """Start the server (or return the one already running) and wait until Bolt answers. Several
         commands may call this at once: the first starts the server, the others wait for it to answer."""
+        current = self.status()
+        if current.state == "running" and self._answers(current.uri):
+            return current  # a running server that answers needs no lock
         with self._lock().acquire(self.config.start_timeout_s + 30, echo):
             current = self.status()
             if current.state == "running":
@@ -323,25 +326,33 @@ class LocalServer:
             tail = "\n".join((done.stdout + done.stderr).splitlines()[-10:]).replace(self.password() or "\0", "***")
             raise ServerError(f"neo4j-admin dbms set-initial-password failed (exit {done.returncode}):\n{tail}")
 
-    def _wait_ready(self, running, uri: str) -> None:
-        """Poll until Bolt answers on `uri`; fail early once `running()` says the process is gone."""
+    def _answers(self, uri: str | None) -> bool:
+        """Whether Bolt answers on `uri` (a refusal of the credentials is an answer: _ensure_password settles them)."""
         from neo4j import GraphDatabase
         from neo4j.exceptions import AuthError, ClientError
 
+        if uri is None:
+            return False
+        auth = (DEFAULT_USER, self.password() or "neo4j") if self.config.auth else None
+        try:
+            with GraphDatabase.driver(uri, auth=auth, connection_timeout=2) as driver:
+                driver.verify_connectivity()
+            return True
+        except (AuthError, ClientError):
+            return True
+        except Exception:  # noqa: BLE001 - any connection error means "not yet"
+            return False
+
+    def _wait_ready(self, running, uri: str) -> None:
+        """Poll until Bolt answers on `uri`; fail early once `running()` says the process is gone."""
         deadline = time.monotonic() + self.config.start_timeout_s
         while time.monotonic() < deadline:
             if not running():
                 raise ServerError(f"Neo4j exited during start; last lines of {self.console_log}:\n"
                                   f"{_tail(self.console_log)}")
-            auth = (DEFAULT_USER, self.password() or "neo4j") if self.config.auth else None
-            try:
-                with GraphDatabase.driver(uri, auth=auth, connection_timeout=2) as driver:
-                    driver.verify_connectivity()
+            if self._answers(uri):
                 return
-            except (AuthError, ClientError):
-                return  # Bolt answers; credentials are settled by _ensure_password
-            except Exception:  # noqa: BLE001 - any connection error means "not yet"
-                time.sleep(0.5)
+            time.sleep(0.5)
         raise ServerError(f"Neo4j did not answer on {uri} within {self.config.start_timeout_s:.0f}s; "
                           f"see {self.console_log}:\n{_tail(self.console_log)}")
 
