@@ -112,9 +112,10 @@ def describe_holder(record: Any) -> str:
 class FileLock:
     """An exclusive lock on a file in a directory (one writer per graph state directory)."""
 
-    def __init__(self, path: str | Path, what: str):
+    def __init__(self, path: str | Path, what: str, hint: str = LockBusy.hint):
         self.path = Path(path)
         self.what = what
+        self.hint = hint
         self._fd: int | None = None
 
     def holder(self) -> str:
@@ -135,7 +136,9 @@ class FileLock:
             except BlockingIOError:
                 if time.monotonic() >= deadline:
                     os.close(fd)
-                    raise LockBusy(f"{self.what} is in use by {self.holder()} (lock file {self.path})") from None
+                    busy = LockBusy(f"{self.what} is in use by {self.holder()} (lock file {self.path})")
+                    busy.hint = self.hint
+                    raise busy from None
                 if not told and echo is not None:
                     echo(f"waiting for {self.what}, in use by {self.holder()}")
                     told = True

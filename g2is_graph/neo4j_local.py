@@ -114,7 +114,9 @@ class LocalServer:
 
     def _lock(self) -> FileLock:
         """Held by whoever starts or stops this server."""
-        return FileLock(self.home / "g2is.lock", f"the local Neo4j server in {self.home}")
+        return FileLock(self.home / "g2is.lock", f"the local Neo4j server in {self.home}",
+                        "another command has been starting or stopping it for longer than [server] "
+                        "start_timeout_s; `g2is neo4j status` shows it")
 
     def password(self) -> str | None:
         """The generated password of this server (None when auth is off or never started)."""
