@@ -1,12 +1,15 @@
 """The `g2is` command: one subcommand per stage, thin wrappers over the library.
 
-Errors the user can act on print as one line plus a hint and exit non-zero (2: bad input or config,
-3: database unavailable, 4: server management failed); `--verbose` adds the stack trace.
+Errors the user can act on print as one `error:` line and one `hint:` line and exit non-zero (2: bad input
+or config, 3: database unavailable, 4: server management failed, 5: another writer holds the graph,
+6: a file could not be read or written: full or read-only disk, missing directory); `--verbose` adds the
+stack trace.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import logging
 import sys
@@ -17,6 +20,7 @@ import click
 from . import config as cfg
 from .graph import Graph, GraphError, GraphUnavailable
 from .data import RecordError
+from .locks import DatabaseLock, LockBusy, LockLost
 from .model import ModelError
 from .neo4j_local import LocalServer, ServerError
 from .store import StoreError
@@ -24,6 +28,8 @@ from .store import StoreError
 EXIT_BAD_INPUT = 2
 EXIT_UNAVAILABLE = 3
 EXIT_SERVER = 4
+EXIT_BUSY = 5
+EXIT_IO = 6
 
 def _late_errors() -> dict[type, tuple[int, str]]:
     """Errors of the export, report and warmup-import modules (imported here so `g2is --help` stays fast)."""
@@ -38,15 +44,38 @@ def _late_errors() -> dict[type, tuple[int, str]]:
                                                 "was trained on")}
 
 
+# error type -> exit code and the hint printed when the error carries none of its own (config.hinted)
 USER_ERRORS: dict[type, tuple[int, str]] = {
-    cfg.ConfigError: (EXIT_BAD_INPUT, "fix the config value named above"),
+    cfg.ConfigError: (EXIT_BAD_INPUT, "fix the value named above (in g2is.toml or on the command line)"),
     GraphUnavailable: (EXIT_UNAVAILABLE, "`g2is neo4j status` shows the local server; NEO4J_URI selects another"),
-    GraphError: (EXIT_BAD_INPUT, "the database refused the statement"),
+    GraphError: (EXIT_BAD_INPUT, "the line above says what the database refused; --verbose shows where"),
     ServerError: (EXIT_SERVER, "`g2is neo4j status` and the server's console.log say more"),
     RecordError: (EXIT_BAD_INPUT, "fix the record, or pass --skip-bad to skip and report bad records"),
     ModelError: (EXIT_BAD_INPUT, "pass an HF model folder or a .gguf file"),
-    StoreError: (EXIT_BAD_INPUT, "the feature store named above is incomplete, corrupted or from another setup"),
+    StoreError: (EXIT_BAD_INPUT, "the file named above is incomplete, corrupted or from another setup"),
+    LockBusy: (EXIT_BUSY, LockBusy.hint),
+    LockLost: (EXIT_BUSY, LockLost.hint),
+    OSError: (EXIT_IO, "check the path named above and the disk it is on"),
 }
+IO_HINTS = {
+    errno.ENOSPC: "the disk is full: free space, or write to another disk",
+    errno.EDQUOT: "the disk quota is exhausted: free space, or write to another disk",
+    errno.EROFS: "the file system is read-only: write to another directory",
+    errno.EACCES: "no permission: write to another directory, or fix the permissions",
+    errno.EPERM: "no permission: write to another directory, or fix the permissions",
+    errno.ENOENT: "the path does not exist: check it, or create its directory",
+}
+
+
+def error_lines(exc: BaseException) -> tuple[int, str, str]:
+    """Exit code, message and hint of a user error."""
+    code, hint = next(v for t, v in user_errors().items() if isinstance(exc, t))
+    message = str(exc)
+    if isinstance(exc, OSError) and not isinstance(exc, (GraphError, GraphUnavailable)):
+        where = f"{exc.filename}: " if exc.filename else ""
+        message = f"{where}{exc.strerror or exc}"
+        hint = IO_HINTS.get(exc.errno, hint)
+    return code, message, getattr(exc, "hint", None) or hint
 
 
 def user_errors() -> dict[type, tuple[int, str]]:
@@ -89,13 +118,13 @@ class G2isGroup(click.Group):
         try:
             return super().invoke(ctx)
         except tuple(user_errors()) as exc:  # evaluated only when something was raised
-            code, hint = next(v for t, v in user_errors().items() if isinstance(exc, t))
-            verbose = bool(ctx.obj and ctx.obj.verbose) or "--verbose" in sys.argv or "-v" in sys.argv
+            code, message, hint = error_lines(exc)
+            verbose = bool(ctx.params.get("verbose")) or "--verbose" in sys.argv or "-v" in sys.argv
             if verbose:
                 import traceback
 
                 traceback.print_exc()
-            click.echo(f"error: {exc}", err=True)
+            click.echo(f"error: {message}", err=True)
             click.echo(f"hint: {hint}", err=True)
             ctx.exit(code)
 
@@ -186,9 +215,10 @@ def db_info(obj: Context) -> None:
 @click.confirmation_option(prompt="Delete every node and relationship in the database?")
 @click.pass_obj
 def db_reset(obj: Context) -> None:
-    """Delete everything in the database (asks first)."""
+    """Delete everything in the database (asks first; refused while a build holds the graph)."""
     with obj.graph() as graph:
-        graph.clear()
+        with DatabaseLock(graph, "the graph").acquire(0.0):
+            graph.clear()
         click.echo("database emptied")
 
 
@@ -488,17 +518,18 @@ def ingest(obj: Context, records, model_spec, checkpoints, features, projector_k
            validation_stores, max_length, template, prompt_completion, skip_bad, **flags) -> None:
     """Add new RECORDS to an existing graph: featurise only unseen content, then extend the graph."""
     from ingest.gradients import run_gradients
-    from ingest.graph_build import build_graph, graph_content_hashes
+    from ingest.graph_build import build_graph, check_state_against_database, graph_content_hashes
 
     if state_dir is None:
         raise cfg.ConfigError("--state is required: the graph state directory the records are added to")
     config = obj.build(cfg.GraphConfig, "graph", **flags)
-    job = run_gradients(records, model_spec, checkpoints, features, obj.build(cfg.GradientConfig, "gradients"),
-                        obj.build(cfg.ProjectorConfig, "projector", kind=projector_kind, dim=dim, seed=projector_seed),
-                        _data_config(obj, max_length, template, skip_bad, prompt_completion), echo=obj.echo,
-                        progress=not obj.quiet,
-                        skip_content=graph_content_hashes(state_dir))
     with obj.graph() as graph:
+        check_state_against_database(graph, state_dir)  # before hours of featurising for the wrong graph
+        job = run_gradients(records, model_spec, checkpoints, features, obj.build(cfg.GradientConfig, "gradients"),
+                            obj.build(cfg.ProjectorConfig, "projector", kind=projector_kind, dim=dim,
+                                      seed=projector_seed),
+                            _data_config(obj, max_length, template, skip_bad, prompt_completion), echo=obj.echo,
+                            progress=not obj.quiet, skip_content=graph_content_hashes(state_dir))
         result = build_graph(graph, job.stores, config, state_dir, validation_stores, echo=obj.echo,
                              progress=not obj.quiet)
     click.echo(result.summary())
@@ -572,8 +603,9 @@ def runs_group(ctx: click.Context) -> None:
 
         with ctx.obj.graph() as graph:
             for run in list_runs(graph):
+                reason = f"\t{run['reason']}" if run.get("reason") else ""
                 click.echo(f"{run['id']}\t{run['method']}\t{run['status']}\t{run['selected']}/{run['requested']}"
-                           f"\t{run['started']}")
+                           f"\t{run['started']}{reason}")
 
 
 @runs_group.command("compare")

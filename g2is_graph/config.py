@@ -11,6 +11,8 @@ import dataclasses
 import json
 import os
 import tomllib
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,12 @@ DEFAULT_CONFIG_FILE = "g2is.toml"
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field."""
+
+
+def hinted(exc: BaseException, hint: str) -> BaseException:
+    """Attach the hint the CLI prints under this error (otherwise the one its type maps to)."""
+    exc.hint = hint  # type: ignore[attr-defined]
+    return exc
 
 
 def g2is_home() -> Path:
@@ -55,11 +63,20 @@ class ServerConfig:
     browser_version: str = NEO4J_BROWSER_VERSION
     http_port: int = 7474  # the Browser's HTTP port, used when free; otherwise a free port is chosen and recorded
 
+    def validate(self) -> None:
+        if not 1 <= self.port <= 65535:
+            raise ConfigError(f"[server] port must be in 1..65535, not {self.port}")
+        if self.start_timeout_s <= 0 or self.stop_timeout_s <= 0:
+            raise ConfigError("[server] start_timeout_s and stop_timeout_s must be positive")
+
     def resolved_jar_dir(self) -> Path:
         return self.jar_dir or cache_home() / f"neo4j-{self.version}" / "lib"
 
     def resolved_browser_dir(self) -> Path:
         return cache_home() / f"neo4j-browser-{self.browser_version}"
+
+
+BOLT_SCHEMES = ("bolt", "bolt+s", "bolt+ssc", "neo4j", "neo4j+s", "neo4j+ssc")
 
 
 @dataclass(frozen=True)
@@ -83,6 +100,25 @@ class ConnectionConfig:
         values.update({k: v for k, v in env.items() if v})
         return build(cls, values, section="neo4j")
 
+    def validate(self) -> None:
+        """A URI the Bolt driver can use, checked before any connection (never echoing the password)."""
+        if self.uri is None:
+            return
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(self.uri)
+        if "@" in parts.netloc:
+            raise ConfigError("[neo4j] uri must not carry a user or password; set NEO4J_USER and NEO4J_PASSWORD")
+        try:
+            port = parts.port
+        except ValueError as exc:
+            raise ConfigError(f"[neo4j] uri {self.uri!r}: {exc}") from exc
+        if parts.scheme not in BOLT_SCHEMES:
+            raise ConfigError(f"[neo4j] uri {self.uri!r}: the scheme must be one of {', '.join(BOLT_SCHEMES)} "
+                              f"(e.g. bolt://127.0.0.1:7687), not {parts.scheme or 'none'!r}")
+        if not parts.hostname or (port is not None and not 0 < port < 65536):
+            raise ConfigError(f"[neo4j] uri {self.uri!r}: expected {parts.scheme}://HOST[:PORT]")
+
     def public(self) -> dict[str, Any]:
         """What may be logged or stored: never the password."""
         return {"uri": self.uri, "user": self.user, "database": self.database}
@@ -99,33 +135,99 @@ def load_file(path: str | Path | None = None) -> dict[str, Any]:
     candidate = Path(candidate)
     try:
         with candidate.open("rb") as fh:
-            return tomllib.load(fh)
+            values = tomllib.load(fh)
     except FileNotFoundError as exc:
         raise ConfigError(f"{candidate}: config file not found") from exc
-    except tomllib.TOMLDecodeError as exc:
+    except IsADirectoryError as exc:
+        raise ConfigError(f"{candidate}: is a directory, not a TOML config file") from exc
+    except OSError as exc:
+        raise ConfigError(f"{candidate}: cannot read the config file: {exc.strerror or exc}") from exc
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{candidate}: invalid TOML: {exc}") from exc
+    check_tables(values, candidate)
+    return values
+
+
+def check_tables(values: dict[str, Any], source: str | Path) -> None:
+    """Every table of a config file names a config dataclass, and every value in it has the field's type,
+    so a typo or a wrong type is reported by any command, not only by the one that reads that table."""
+    unknown = sorted(set(values) - set(TABLES))
+    if unknown:
+        raise ConfigError(f"{source}: unknown table(s) or top-level key(s): {', '.join(unknown)}; "
+                          f"known tables: {', '.join(sorted(TABLES))}")
+    for name, table in values.items():
+        if not isinstance(table, dict):
+            raise ConfigError(f"{source}: {name} must be a table ([{name}]), not a {type(table).__name__}")
+        try:
+            build(TABLES[name], table, name)
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: {exc}") from exc
 
 
 def build(cls: type, values: dict[str, Any] | None, section: str) -> Any:
-    """Instantiate a config dataclass from a mapping, rejecting unknown keys by name."""
+    """Instantiate a config dataclass from a mapping, rejecting unknown keys by name and values of the wrong
+    type (a string "false" is not taken for true), then run its validate()."""
     values = dict(values or {})
     names = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(names))
     if unknown:
         raise ConfigError(f"[{section}] unknown setting(s): {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+    hints = typing.get_type_hints(cls)
     for key, value in list(values.items()):
-        f = names[key]
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        if dataclasses.is_dataclass(default) and isinstance(value, dict):
-            values[key] = build(type(default), value, f"{section}.{key}")
-        elif f.type in ("Path", "Path | None") and value is not None:
-            values[key] = Path(value).expanduser()
-        elif isinstance(default, tuple) and isinstance(value, list):
-            values[key] = tuple(value)
+        values[key] = _typed(value, hints[key], section, key, secret=names[key].repr is False)
     try:
-        return cls(**values)
+        config = cls(**values)
     except TypeError as exc:
         raise ConfigError(f"[{section}] {exc}") from exc
+    if hasattr(config, "validate"):
+        config.validate()
+    return config
+
+
+_TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string", Path: "a path (string)"}
+
+
+def _typed(value: Any, hint: Any, section: str, key: str, secret: bool = False) -> Any:
+    """`value` as the field's type, or a ConfigError naming the field, the expected type and the value."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (types.UnionType, typing.Union):
+        if value is None and type(None) in args:
+            return None
+        (hint,) = [a for a in args if a is not type(None)]
+        origin, args = typing.get_origin(hint), typing.get_args(hint)
+    ok: bool
+    if dataclasses.is_dataclass(hint):
+        if isinstance(value, hint):
+            return value
+        if isinstance(value, dict):
+            return build(hint, value, f"{section}.{key}")
+        ok, expected = False, f"a table of {', '.join(f.name for f in dataclasses.fields(hint))}"
+    elif origin is tuple:
+        item = args[0] if args else Any
+        ok = isinstance(value, (list, tuple)) and (item is Any or all(_is(v, item) for v in value))
+        expected = "a list of strings" if item is str else "a list"
+        if ok:
+            return tuple(value)
+    elif hint in _TYPE_NAMES:
+        ok, expected = _is(value, hint), _TYPE_NAMES[hint]
+        if ok:
+            return float(value) if hint is float else Path(value).expanduser() if hint is Path else value
+    else:
+        return value
+    shown = "(value not shown)" if secret else f"{value!r} ({type(value).__name__})"
+    raise ConfigError(f"[{section}] {key} must be {expected}, not {shown}")
+
+
+def _is(value: Any, kind: Any) -> bool:
+    if kind is bool:
+        return isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is Path:
+        return isinstance(value, (str, Path))
+    return isinstance(value, kind)
 
 
 def to_jsonable(config: Any) -> Any:
@@ -176,12 +278,27 @@ class DataConfig:
     # standard prompt-completion, prompt + completion + EOS with the loss on the completion and EOS
     prompt_completion: str = "chat"
     sharegpt: ShareGPTConfig = field(default_factory=ShareGPTConfig)
+    # bounds on input, checked before the expensive work they would cause (a bad record names file:line:field):
+    max_line_bytes: int = 1 << 20  # a longer jsonl line is refused unparsed (1 MiB: far beyond any max_length)
+    max_turns: int = 256  # messages per record, checked before any turn is rendered or tokenised
+    max_records: int = 5_000_000  # records per job, all input files together
 
     def validate(self) -> None:
         if self.template not in ("model", "tulu"):
             raise ConfigError(f"[data] template must be model or tulu, not {self.template!r}")
         if self.prompt_completion not in ("chat", "raw"):
             raise ConfigError(f"[data] prompt_completion must be chat or raw, not {self.prompt_completion!r}")
+        for name in ("max_length",) + INPUT_BOUNDS:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"[data] {name} must be positive, not {getattr(self, name)}")
+
+    def identity(self) -> dict[str, Any]:
+        """What shapes the encoded examples (recorded in stores and manifests): the input bounds only
+        refuse records, so they are left out and stores made under other bounds stay resumable."""
+        return {k: v for k, v in to_jsonable(self).items() if k not in INPUT_BOUNDS}
+
+
+INPUT_BOUNDS = ("max_line_bytes", "max_turns", "max_records")
 
 
 @dataclass(frozen=True)
@@ -192,6 +309,34 @@ class LoraSettings:
     alpha: int = 512
     dropout: float = 0.1
     target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+    def validate(self, section: str = "lora") -> None:
+        if self.r <= 0 or self.alpha <= 0:
+            raise ConfigError(f"[{section}] r and alpha must be positive (r={self.r}, alpha={self.alpha})")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"[{section}] dropout must be in [0, 1), not {self.dropout}")
+        if not self.target_modules:
+            raise ConfigError(f"[{section}] target_modules must name at least one module")
+
+
+def _check_training(config: Any, section: str) -> None:
+    """The settings warmup and fine-tuning share, in range (checked before any model is loaded)."""
+    if config.epochs < 1:
+        raise ConfigError(f"[{section}] epochs must be at least 1, not {config.epochs}")
+    if config.lr <= 0:
+        raise ConfigError(f"[{section}] lr must be positive, not {config.lr}")
+    if not 0 <= config.warmup_ratio < 1:
+        raise ConfigError(f"[{section}] warmup_ratio must be in [0, 1), not {config.warmup_ratio}")
+    if config.batch_size < 1 or config.grad_accumulation < 1:
+        raise ConfigError(f"[{section}] batch_size and grad_accumulation must be at least 1 "
+                          f"(batch_size={config.batch_size}, grad_accumulation={config.grad_accumulation})")
+    if not (0 <= config.beta1 < 1 and 0 <= config.beta2 < 1) or config.eps <= 0 or config.weight_decay < 0:
+        raise ConfigError(f"[{section}] need 0 <= beta1, beta2 < 1, eps > 0 and weight_decay >= 0")
+    if config.dtype not in ("float32", "bfloat16", "float16"):
+        raise ConfigError(f"[{section}] dtype must be float32, bfloat16 or float16, not {config.dtype!r}")
+    if config.schedule not in ("linear", "cosine"):
+        raise ConfigError(f"[{section}] schedule must be linear or cosine, not {config.schedule!r}")
+    config.lora.validate(f"{section}.lora")
 
 
 @dataclass(frozen=True)
@@ -214,6 +359,13 @@ class WarmupConfig:
     device: str = "auto"
     lora: LoraSettings = field(default_factory=LoraSettings)
     schedule: str = "linear"  # the LESS warmup uses HF's linear schedule
+
+    def validate(self) -> None:
+        if not 0 < self.fraction <= 1:
+            raise ConfigError(f"[warmup] fraction must be in (0, 1], not {self.fraction}")
+        if self.max_examples is not None and self.max_examples < 1:
+            raise ConfigError(f"[warmup] max_examples must be at least 1, not {self.max_examples}")
+        _check_training(self, "warmup")
 
 
 @dataclass(frozen=True)
@@ -240,6 +392,9 @@ class FinetuneConfig:
     # what adapter_config.json names as the base model: a hub id others can load (e.g. "HuggingFaceTB/SmolLM2-135M-
     # Instruct"); default: the id of a Hugging Face cache folder, else "sha256:<weights>" (never a local path)
     base_model: str | None = None
+
+    def validate(self) -> None:
+        _check_training(self, "finetune")
 
 
 @dataclass(frozen=True)
@@ -306,6 +461,9 @@ class GraphConfig:
     threads: int = 0  # hnswlib threads; 0: all cores
     seed: int = 0
     device: str = "auto"  # exact search device
+    lock_wait_s: float = 600.0  # how long a build waits while another writer holds the graph or its state directory
+    lock_stale_s: float = 60.0  # a writer whose heartbeat stopped this long ago loses the graph's write lock
+    heartbeat_s: float = 5.0  # how often the writer holding the lock says it is alive
 
     def validate(self) -> None:
         if self.k <= 0 or self.m <= 1 or min(self.ef, self.ef_negative, self.ef_construction) < self.k:
@@ -314,6 +472,8 @@ class GraphConfig:
             raise ConfigError("[graph] negative_candidates must be at least k")
         if min(self.node_batch, self.edge_batch, self.recall_sample) <= 0:
             raise ConfigError("[graph] node_batch, edge_batch and recall_sample must be positive")
+        if self.lock_wait_s < 0 or self.heartbeat_s <= 0 or self.lock_stale_s < 2 * self.heartbeat_s:
+            raise ConfigError("[graph] need lock_wait_s >= 0, heartbeat_s > 0 and lock_stale_s >= 2 * heartbeat_s")
 
 
 @dataclass(frozen=True)
@@ -368,3 +528,27 @@ class SelectionConfig:
         if self.center_pool and self.candidates == "all":
             raise ConfigError("[select] center_pool walks the SIMILAR candidates: use it with candidates=neighbors "
                               "(the server ranks `all` candidates by uncentred cosine)")
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """`g2is evaluate`: answer loss (with a bootstrap interval) and choice accuracy of adapters."""
+
+    batch_size: int = 8
+    dtype: str = "float32"
+    device: str = "auto"
+    bootstrap: int = 1000
+    seed: int = 0
+    choices: bool = True  # also score multiple-choice items (one forward pass per option)
+
+    def validate(self) -> None:
+        if self.batch_size < 1 or self.bootstrap < 0:
+            raise ConfigError("[evaluate] batch_size must be at least 1 and bootstrap at least 0")
+
+
+# g2is.toml table -> the dataclass it configures; any other table is refused
+TABLES: dict[str, type] = {
+    "server": ServerConfig, "neo4j": ConnectionConfig, "data": DataConfig, "warmup": WarmupConfig,
+    "gradients": GradientConfig, "projector": ProjectorConfig, "graph": GraphConfig, "select": SelectionConfig,
+    "finetune": FinetuneConfig, "evaluate": EvaluateConfig,
+}

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -104,10 +104,17 @@ def _string(obj: dict, key: str, path, line: int, required: bool = True) -> str 
     return value
 
 
-def _turns(value: Any, path, line: int, name: str) -> list[Message]:
+def _too_many_turns(turns: list, path, line: int, name: str, max_turns: int) -> None:
+    if len(turns) > max_turns:
+        raise RecordError(path, line, name, f"{len(turns)} turns, more than max_turns {max_turns} "
+                          "([data] max_turns); split the conversation or raise the bound")
+
+
+def _turns(value: Any, path, line: int, name: str, max_turns: int = DataConfig.max_turns) -> list[Message]:
     """A list of {role, content} objects (the `messages` schema and TRL's conversational lists)."""
     if not isinstance(value, list) or not value:
         raise RecordError(path, line, name, "must be a non-empty list of {role, content}")
+    _too_many_turns(value, path, line, name, max_turns)
     messages = []
     for i, turn in enumerate(value):
         where = f"{name}[{i}]"
@@ -122,13 +129,15 @@ def _turns(value: Any, path, line: int, name: str) -> list[Message]:
     return messages
 
 
-def _sharegpt(obj: dict, tags: ShareGPTConfig, path, line: int) -> tuple[Message, ...]:
+def _sharegpt(obj: dict, tags: ShareGPTConfig, path, line: int, max_turns: int = DataConfig.max_turns
+              ) -> tuple[Message, ...]:
     """LLaMA-Factory's ShareGPT rule: a leading system-tag turn (else the system column), then user and
     assistant tags strictly alternating, ending with the assistant (the records it would drop are errors)."""
     turns = obj[tags.messages]
     name = tags.messages
     if not isinstance(turns, list) or not turns:
         raise RecordError(path, line, name, f"must be a non-empty list of {{{tags.role_tag}, {tags.content_tag}}}")
+    _too_many_turns(turns, path, line, name, max_turns)
     for i, turn in enumerate(turns):
         if not isinstance(turn, dict):
             raise RecordError(path, line, f"{name}[{i}]", f"must be an object with {tags.role_tag} and {tags.content_tag}")
@@ -178,13 +187,14 @@ def _alpaca(obj: dict, path, line: int) -> tuple[Message, ...]:
     return tuple(messages + [Message("user", query), Message("assistant", output)])
 
 
-def parse_record(obj: dict, path, line: int, sharegpt: ShareGPTConfig | None = None) -> Parsed:
-    """The conversation of one json object, whichever schema it uses."""
+def parse_record(obj: dict, path, line: int, sharegpt: ShareGPTConfig | None = None,
+                 max_turns: int = DataConfig.max_turns) -> Parsed:
+    """The conversation of one json object, whichever schema it uses (at most `max_turns` turns per list)."""
     tags = sharegpt or ShareGPTConfig()
     if tags.messages in obj:  # sharegpt.messages = "messages" reads `messages` records by the ShareGPT rule
-        return Parsed(_sharegpt(obj, tags, path, line), "sharegpt")
+        return Parsed(_sharegpt(obj, tags, path, line, max_turns), "sharegpt")
     if "messages" in obj:
-        messages = _turns(obj["messages"], path, line, "messages")
+        messages = _turns(obj["messages"], path, line, "messages", max_turns)
         if not any(m.role == "assistant" for m in messages):
             raise RecordError(path, line, "messages", "no assistant turn: nothing to compute a loss on")
         return Parsed(tuple(messages), "messages")
@@ -194,8 +204,8 @@ def parse_record(obj: dict, path, line: int, sharegpt: ShareGPTConfig | None = N
                 if not isinstance(obj.get(key), list):
                     raise RecordError(path, line, key, "must be a list of messages like the other field "
                                       "(TRL's conversational prompt-completion), or both must be strings")
-            prompt = _turns(obj["prompt"], path, line, "prompt")
-            completion = _turns(obj["completion"], path, line, "completion")
+            prompt = _turns(obj["prompt"], path, line, "prompt", max_turns)
+            completion = _turns(obj["completion"], path, line, "completion", max_turns)
             if not any(m.role == "assistant" for m in completion):
                 raise RecordError(path, line, "completion", "no assistant turn: nothing to compute a loss on")
             return Parsed(tuple(prompt + completion), "conversational_prompt_completion", len(prompt))
@@ -203,6 +213,9 @@ def parse_record(obj: dict, path, line: int, sharegpt: ShareGPTConfig | None = N
         completion = _string(obj, "completion", path, line)
         return Parsed((Message("user", prompt), Message("assistant", completion)), "prompt_completion")
     if "instruction" in obj:
+        history = obj.get("history")
+        if isinstance(history, list):
+            _too_many_turns(history, path, line, "history", max_turns)
         return Parsed(_alpaca(obj, path, line), "alpaca")
     raise RecordError(path, line, None, f"unknown schema: expected 'messages', '{tags.messages}' (ShareGPT), "
                       "'prompt'/'completion' or 'instruction'/'output'; keys are " + str(sorted(obj)[:8]))
@@ -213,21 +226,48 @@ def parse_messages(obj: dict, path, line: int, sharegpt: ShareGPTConfig | None =
     return parse_record(obj, path, line, sharegpt).messages
 
 
-def read_jsonl(path: str | Path, skip_bad: bool = False, sharegpt: ShareGPTConfig | None = None) -> ReadResult:
-    """Read one jsonl file; duplicate ids (given or generated) are errors."""
+def _lines(path: Path, max_bytes: int) -> Iterator[tuple[int, bytes | int]]:
+    """(line number, line without its newline) of a file, streamed; a line longer than `max_bytes` is
+    never held in memory: its length in bytes comes instead of its content."""
+    try:
+        fh = open(path, "rb")
+    except OSError as exc:
+        raise RecordError(path, 0, None, f"cannot read: {exc.strerror or exc}") from exc
+    with fh:
+        number = 0
+        while line := fh.readline(max_bytes + 1):
+            number += 1
+            if line.endswith(b"\n"):
+                yield number, line[:-1]
+            elif len(line) <= max_bytes:
+                yield number, line  # the last line, without a newline
+            else:
+                length = len(line)
+                while (rest := fh.readline(1 << 20)) and not rest.endswith(b"\n"):
+                    length += len(rest)
+                yield number, length + max(0, len(rest) - 1)
+
+
+def read_jsonl(path: str | Path, skip_bad: bool = False, sharegpt: ShareGPTConfig | None = None,
+               limits: DataConfig | None = None, already: int = 0) -> ReadResult:
+    """Read one jsonl file, streamed, within the input bounds of `limits` (`already` records were read
+    from earlier files of the same pool); duplicate ids (given or generated) are errors."""
     path = Path(path)
+    limits = limits or DataConfig()
     records: list[Record] = []
     skipped: list[RecordError] = []
     seen: dict[str, int] = {}
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise RecordError(path, 0, None, f"cannot read: {exc.strerror or exc}") from exc
-    for number, raw_bytes in enumerate(data.split(b"\n"), start=1):
-        if not raw_bytes.strip():
+    for number, raw_bytes in _lines(path, limits.max_line_bytes):
+        if isinstance(raw_bytes, bytes) and not raw_bytes.strip():
             continue
+        if already + len(records) >= limits.max_records:
+            raise RecordError(path, number, None, f"more than max_records {limits.max_records} records "
+                              "([data] max_records); split the pool or raise the bound")
         try:
-            record = _parse_line(raw_bytes, path, number, sharegpt)
+            if isinstance(raw_bytes, int):
+                raise RecordError(path, number, None, f"line of {raw_bytes} bytes, more than max_line_bytes "
+                                  f"{limits.max_line_bytes} ([data] max_line_bytes); it was not parsed")
+            record = _parse_line(raw_bytes, path, number, sharegpt, limits.max_turns)
             if record.id in seen:
                 raise RecordError(path, number, "id", f"duplicate id {record.id!r} (first on line {seen[record.id]})"
                                   + (" (generated from identical content)" if record.id_generated else ""),
@@ -241,7 +281,8 @@ def read_jsonl(path: str | Path, skip_bad: bool = False, sharegpt: ShareGPTConfi
     return ReadResult(records, skipped)
 
 
-def _parse_line(raw_bytes: bytes, path: Path, number: int, sharegpt: ShareGPTConfig | None = None) -> Record:
+def _parse_line(raw_bytes: bytes, path: Path, number: int, sharegpt: ShareGPTConfig | None = None,
+                max_turns: int = DataConfig.max_turns) -> Record:
     try:
         raw = raw_bytes.decode("utf-8").rstrip("\r")
     except UnicodeDecodeError as exc:
@@ -252,7 +293,7 @@ def _parse_line(raw_bytes: bytes, path: Path, number: int, sharegpt: ShareGPTCon
         raise RecordError(path, number, None, f"malformed JSON: {exc.msg} at column {exc.colno}") from exc
     if not isinstance(obj, dict):
         raise RecordError(path, number, None, f"each line must be a JSON object, got {type(obj).__name__}")
-    parsed = parse_record(obj, path, number, sharegpt)
+    parsed = parse_record(obj, path, number, sharegpt, max_turns)
     messages = parsed.messages
     digest = content_hash(messages, parsed.completion_from)
     record_id = obj.get("id")
@@ -274,12 +315,15 @@ def _parse_line(raw_bytes: bytes, path: Path, number: int, sharegpt: ShareGPTCon
     )
 
 
-def read_many(paths: Iterable[str | Path], skip_bad: bool = False, sharegpt: ShareGPTConfig | None = None) -> ReadResult:
-    """Several files as one pool; ids must be unique across all of them."""
+def read_many(paths: Iterable[str | Path], skip_bad: bool = False, sharegpt: ShareGPTConfig | None = None,
+              limits: DataConfig | None = None) -> ReadResult:
+    """Several files as one pool (at most `limits.max_records` records in all); ids must be unique across
+    all of them."""
+    limits = limits or DataConfig()
     out = ReadResult([])
     first: dict[str, Record] = {}
     for path in paths:
-        result = read_jsonl(path, skip_bad, sharegpt)
+        result = read_jsonl(path, skip_bad, sharegpt, limits, already=len(out.records))
         out.skipped.extend(result.skipped)
         for record in result.records:
             if record.id in first:
@@ -316,12 +360,13 @@ class Encoded:
         return sum(1 for t in self.labels if t != IGNORE_INDEX)
 
 
-def _segments_model_template(messages: Sequence[Message], tokenizer, record: Record) -> list[tuple[str, bool]]:
+def _segments_model_template(messages: Sequence[Message], tokenizer, record: Record) -> Iterator[tuple[str, bool]]:
     """(text, is_loss) pieces whose concatenation is the chat template's rendering; every assistant turn is loss
-    (LLaMA-Factory's multi-turn rule: each answer is trained, each prompt with its assistant header masked)."""
+    (LLaMA-Factory's multi-turn rule: each answer is trained, each prompt with its assistant header masked).
+    Produced lazily: each assistant turn renders the whole prefix again, so `encode` stops asking once
+    max_length is reached."""
     _require_chat_template(tokenizer, record)
     dicts = [{"role": m.role, "content": m.content} for m in messages]
-    segments: list[tuple[str, bool]] = []
     rendered = ""
     for i, message in enumerate(messages):
         if message.role != "assistant":
@@ -331,10 +376,9 @@ def _segments_model_template(messages: Sequence[Message], tokenizer, record: Rec
         if not prompt.startswith(rendered) or not full.startswith(prompt):
             raise RecordError(record.source_file, record.line, "messages",
                               "the chat template does not render prefixes consistently; use template='tulu'", record.id)
-        segments.append((prompt[len(rendered):], False))
-        segments.append((full[len(prompt):], True))
+        yield prompt[len(rendered):], False
+        yield full[len(prompt):], True
         rendered = full
-    return segments
 
 
 def _require_chat_template(tokenizer, record: Record) -> None:
@@ -344,18 +388,16 @@ def _require_chat_template(tokenizer, record: Record) -> None:
 
 
 def _segments_tulu(messages: Sequence[Message], eos: str, eos_after_assistant: bool,
-                   completion_from: int | None = None) -> list[tuple[str, bool]]:
+                   completion_from: int | None = None) -> Iterator[tuple[str, bool]]:
     """LESS / open-instruct's tulu rendering; the assistant header belongs to the masked prompt. With
     `completion_from`, assistant turns before it are context (masked), as in TRL's prompt-completion."""
-    segments: list[tuple[str, bool]] = []
     for i, message in enumerate(messages):
         if message.role == "assistant":
-            segments.append(("<|assistant|>\n", False))
+            yield "<|assistant|>\n", False
             trained = completion_from is None or i >= completion_from
-            segments.append((message.content.strip() + (eos if eos_after_assistant else "") + "\n", trained))
+            yield message.content.strip() + (eos if eos_after_assistant else "") + "\n", trained
         else:
-            segments.append((f"<|{message.role}|>\n{message.content.strip()}\n", False))
-    return segments
+            yield f"<|{message.role}|>\n{message.content.strip()}\n", False
 
 
 def _masked_by_prefix(prompt_ids: list[int], full_ids: list[int]) -> tuple[list[int], list[int]]:
@@ -414,10 +456,12 @@ def encode(record: Record, tokenizer, config: DataConfig) -> Encoded:
             piece = tokenizer(text, add_special_tokens=False)["input_ids"]
             ids.extend(piece)
             labels.extend(piece if is_loss else [IGNORE_INDEX] * len(piece))
+            if len(ids) >= config.max_length:
+                break  # everything after max_length is truncated: never render or tokenise it
     encoded = Encoded(ids[: config.max_length], labels[: config.max_length])
     if encoded.n_loss_tokens == 0:
         raise RecordError(record.source_file, record.line, "messages", "no loss token after truncation to "
-                          f"max_length {config.max_length} ({len(ids)} tokens)", record.id)
+                          f"max_length {config.max_length} ({len(ids)} tokens rendered)", record.id)
     return encoded
 
 
@@ -455,7 +499,7 @@ def load_pool(paths: Iterable[str | Path], tokenizer, config: DataConfig, report
               echo=print) -> tuple[list[Record], list[Encoded]]:
     """Read and encode jsonl files; skipped records (with skip_bad) go to report_dir/skipped.jsonl."""
     config.validate()
-    read = read_many(paths, config.skip_bad, config.sharegpt)
+    read = read_many(paths, config.skip_bad, config.sharegpt, config)
     records, encoded, skipped = encode_all(read.records, tokenizer, config)
     skipped = read.skipped + skipped
     if skipped:

@@ -19,7 +19,8 @@ from .config import ConfigError, SelectionConfig, ShareGPTConfig
 from .data import _parse_line
 from .graph import Graph
 from .knowledge import components_for_selection
-from .selection import RunResult, less_picks, n_to_select, original_lines, record_run, space_info, start_run
+from .selection import (OpenRun, RunResult, check_validation, less_picks, n_to_select, original_lines, record_run,
+                        space_info)
 from .walk import reference_walk
 
 
@@ -66,20 +67,26 @@ def embedded_space(graph: Graph, space_id: str, tasks: tuple[str, ...], encoder,
 def select_by_embedding(graph: Graph, config: SelectionConfig, out_root: str | Path | None, echo=print,
                         progress: bool = True, encoder=None, sharegpt: ShareGPTConfig | None = None) -> RunResult:
     config.validate()
+    if config.method not in ("embedding", "no-gradient"):
+        raise ConfigError(f"method {config.method!r} is not an embedding method")
     space = space_info(graph)
     n = n_to_select(config, space.n_samples)
-    run_id = start_run(graph, config, space, n, vectors="all-MiniLM-L6-v2")
+    check_validation(graph, space, config.tasks)
+    encoder = encoder or load_encoder()
+    with OpenRun(graph, config, space, n, out_root, vectors="all-MiniLM-L6-v2") as run:
+        return _select(run, encoder, echo, progress, sharegpt)
+
+
+def _select(run: OpenRun, encoder, echo, progress: bool, sharegpt: ShareGPTConfig | None) -> RunResult:
+    graph, config, space, n = run.graph, run.config, run.space, run.n
     started = time.perf_counter()
-    train, val, validation, ids = embedded_space(graph, space.id, config.tasks, encoder or load_encoder(), progress,
-                                                 sharegpt)
+    train, val, validation, ids = embedded_space(graph, space.id, config.tasks, encoder, progress, sharegpt)
     components = []
     if config.method == "embedding":
         picks = less_picks(train, val, [r["subtask"] or r["task"] for r in validation], ids, n)
     elif config.method == "no-gradient":
         components = components_for_selection(val, [r["task"] for r in validation], n, config)
         picks = reference_walk(train, ids, components, dataclasses.replace(config, candidates="all")).picks
-    else:
-        raise ConfigError(f"method {config.method!r} is not an embedding method")
     timings = {"select": time.perf_counter() - started}
-    result = RunResult(run_id, config.method, picks, [c.record() for c in components], None, None, timings)
-    return record_run(graph, result, config, space, out_root, echo)
+    result = RunResult(run.id, config.method, picks, [c.record() for c in components], None, None, timings)
+    return record_run(run, result, echo)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,20 +20,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .config import ConfigError, DataConfig, to_jsonable
+from .config import ConfigError, DataConfig, EvaluateConfig, to_jsonable
 from .data import IGNORE_INDEX, Message, Record, RecordError, collate, encode, read_many
 from .gradients import per_example_loss
 from .model import load_base_model, load_tokenizer, load_with_adapter, model_identity, pick_device
-
-
-@dataclass(frozen=True)
-class EvaluateConfig:
-    batch_size: int = 8
-    dtype: str = "float32"
-    device: str = "auto"
-    bootstrap: int = 1000
-    seed: int = 0
-    choices: bool = True  # also score multiple-choice items (one forward pass per option)
 
 
 def _choice_items(records: Sequence[Record]) -> list[tuple[Record, list[str], int]]:
@@ -114,7 +103,7 @@ def run_evaluate(model_spec: str | Path, adapters: dict[str, Path], test_paths: 
                  progress: bool = True) -> dict[str, Any]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    records = read_many(test_paths, sharegpt=data_config.sharegpt).records
+    records = read_many(test_paths, sharegpt=data_config.sharegpt, limits=data_config).records
     if not records:
         raise ConfigError("no test records in " + ", ".join(str(p) for p in test_paths))
     device = pick_device(config.device)

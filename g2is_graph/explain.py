@@ -11,24 +11,59 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
+from .config import hinted
 from .diagnostics import describe
 from .graph import Graph, GraphError
+from .locks import ProcessIdentity
 
 
-def _run(graph: Graph, run_id: str) -> dict[str, Any]:
+def settle(graph: Graph, run: dict[str, Any]) -> dict[str, Any]:
+    """A `running` run whose process on this machine is gone (killed) will never complete: mark it failed.
+    A complete run whose process was killed before it renamed its outputs: publish them."""
+    if run.get("status") == "complete" and run.get("out_dir"):
+        from .selection import publish_outputs
+
+        publish_outputs(Path(run["out_dir"]))
+    if run.get("status") != "running":
+        return run
+    try:
+        process = ProcessIdentity.from_dict(json.loads(run.get("process") or "null"))
+    except json.JSONDecodeError:
+        process = None
+    if process is None or process.alive() is not False:
+        return run
+    reason = f"interrupted: its process ({process.describe()}) ended before the run completed"
+    graph.write("run_fail_if_running", id=run["id"], reason=reason)
+    return run | {"status": "failed", "reason": reason}
+
+
+def complete_run(graph: Graph, run_id: str) -> dict[str, Any]:
+    """The run's record, or a clear refusal when there is no such run or it is not complete (running or
+    failed): its picks would be a part of a selection, never to be explained, compared or exported."""
     found = graph.read("run_get", id=run_id)
     if not found:
-        raise GraphError(f"no selection run {run_id!r}; `g2is runs` lists them")
-    return found[0]["run"]
+        raise hinted(GraphError(f"no selection run {run_id!r} in the database"), "`g2is runs` lists the runs")
+    run = settle(graph, found[0]["run"])
+    if run["status"] == "running":
+        process = ProcessIdentity.from_dict(json.loads(run.get("process") or "null"))
+        by = f" by {process.describe()}" if process else ""
+        raise hinted(GraphError(f"run {run_id} is still running (started {run.get('started')}{by}): its picks "
+                                "are not all recorded"), "wait for it to finish; `g2is runs` shows its status")
+    if run["status"] != "complete":
+        raise hinted(GraphError(f"run {run_id} {run['status']}: {run.get('reason', 'no reason recorded')}"),
+                     "run the selection again; `g2is runs` lists the complete runs")
+    return run
 
 
 def explain(graph: Graph, run_id: str, sample_id: str) -> dict[str, Any]:
-    run = _run(graph, run_id)
+    run = complete_run(graph, run_id)
     info = graph.read("sample_info", id=sample_id)
     if not info:
-        raise GraphError(f"no sample {sample_id!r} in the graph")
+        raise hinted(GraphError(f"no sample {sample_id!r} in the graph"),
+                     "use an id from the run's ids.txt or from the pool's records")
     sample = info[0]
     out: dict[str, Any] = {"run": run_id, "method": run["method"], "status": run["status"], "sample": sample_id,
                            "source": f"{sample['source_file']}:{sample['line']}", "preview": sample["preview"]}
@@ -118,7 +153,7 @@ def _rejection_words(r: dict[str, Any]) -> str:
 
 
 def list_runs(graph: Graph) -> list[dict[str, Any]]:
-    return graph.read("runs_list")
+    return [settle(graph, run) for run in graph.read("runs_list")]
 
 
 def compare_runs(graph: Graph, run_ids: list[str]) -> dict[str, Any]:
@@ -127,7 +162,7 @@ def compare_runs(graph: Graph, run_ids: list[str]) -> dict[str, Any]:
     sources = {}
     diagnostics = {}
     for run_id in run_ids:
-        run = _run(graph, run_id)
+        run = complete_run(graph, run_id)
         if run.get("diagnostics"):
             diagnostics[run_id] = json.loads(run["diagnostics"])
         rows = graph.read("run_picks", id=run_id)

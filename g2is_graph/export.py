@@ -37,7 +37,7 @@ import numpy as np
 
 from .config import ConfigError, DataConfig, SelectionConfig, build, to_jsonable
 from .data import Record, _parse_line
-from .graph import Graph, GraphError
+from .graph import Graph
 from .numerics import exact_matvec
 from .selection import SpaceInfo, components_of, load_validation, original_lines, space_info, vector_pages
 
@@ -65,10 +65,11 @@ class ExportResult:
 
 
 def run_record(graph: Graph, run_id: str) -> dict[str, Any]:
-    found = graph.read("run_get", id=run_id)
-    if not found:
-        raise GraphError(f"no selection run {run_id!r}; `g2is runs` lists them")
-    return found[0]["run"]
+    """The run's record; a run that is not complete (running or failed) is refused: its picks are a part of a
+    selection, never a dataset."""
+    from .explain import complete_run
+
+    return complete_run(graph, run_id)
 
 
 def run_config(run: dict[str, Any]) -> SelectionConfig:
@@ -291,8 +292,6 @@ def export_run(graph: Graph, run_id: str, fmt: str, out_dir: str | Path, data: D
     if fmt not in FORMATS:
         raise ConfigError(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}")
     run = run_record(graph, run_id)
-    if run.get("status") != "complete":
-        raise ExportError(f"run {run_id} is {run.get('status')!r}, not complete; only complete runs are exported")
     out_dir = Path(out_dir)
     name = name or f"g2is_{run_id}".replace("-", "_")
     source_root = Path(source_root or ".").resolve()

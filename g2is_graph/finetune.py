@@ -42,13 +42,15 @@ class FinetuneResult:
 
 def run_finetune(paths: Sequence[str | Path], model_spec: str | Path, out_dir: str | Path, config: FinetuneConfig,
                  data_config: DataConfig, echo=print, progress: bool = True) -> FinetuneResult:
+    config.validate()
+    data_config.validate()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = load_tokenizer(model_spec)
     records, encoded = load_pool(paths, tokenizer, data_config, out_dir, echo)
     if not records:
         raise ConfigError("no usable records in " + ", ".join(str(p) for p in paths))
-    manifest = {"config": to_jsonable(config), "data": to_jsonable(data_config), "records": [str(p) for p in paths],
+    manifest = {"config": to_jsonable(config), "data": data_config.identity(), "records": [str(p) for p in paths],
                 "records_sha256": records_sha256([{"id": r.id, "content_hash": r.content_hash} for r in records]),
                 "n_examples": len(records), "model": model_identity(model_spec).as_dict()}
     manifest_path = out_dir / "finetune.json"

@@ -78,11 +78,12 @@ def resolve_connection(conn: ConnectionConfig | None = None, server: ServerConfi
 
     local = LocalServer(server)
     status = local.status()
-    if status.state != "running":
-        if not start_local:
-            raise GraphUnavailable(f"no NEO4J_URI set and the local server is {status.state}; "
-                                   "start it with `g2is neo4j start`")
-        echo("starting the local Neo4j server (g2is neo4j start)")
+    if status.state != "running" and not start_local:
+        raise GraphUnavailable(f"no NEO4J_URI set and the local server is {status.state}; "
+                               "start it with `g2is neo4j start`")
+    if start_local:  # also when running: another command may be starting it, and start() waits for that
+        if status.state != "running":
+            echo("starting the local Neo4j server (g2is neo4j start)")
         status = local.start(echo=echo)
     password = local.password()
     auth = (conn.user, password) if password is not None else None

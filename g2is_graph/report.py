@@ -23,7 +23,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from .explain import _selected_words
+from .explain import _selected_words, settle
 from .graph import Graph
 
 WALK_ROW = 30  # picks per row of a walk lane before it wraps
@@ -69,7 +69,7 @@ def load_run(graph: Graph, run_id: str) -> RunView:
     found = graph.read("run_get", id=run_id)
     if not found:
         raise ReportError(f"no selection run {run_id!r}; `g2is runs` lists them")
-    props = dict(found[0]["run"])
+    props = dict(settle(graph, found[0]["run"]))  # a run whose process is gone shows as failed, not running
     rows = graph.read("run_picks", id=run_id)
     picks = [{**r["pick"], "source_file": r["source_file"], "line": r["line"], "dataset": r["dataset"],
               "preview": r["preview"]} for r in rows]

@@ -1,16 +1,20 @@
 """A selection run: pick n samples with G2IS or a baseline, record every choice in Neo4j, write the outputs.
 
 A :SelectionRun is created with status `running` before anything is chosen and marked `complete` only
-after every SELECTED relationship is written, so an interrupted run is never mistaken for a finished
-one. Outputs in the run's directory: selected.jsonl (the original records, in selection order,
-byte-for-byte), ids.txt, and manifest.json (full config, feature space, components, per-source counts,
-timings).
+after every SELECTED relationship and output is written, so an interrupted run is never mistaken for a
+finished one; any error marks it `failed` with the reason, and a run whose process was killed is marked
+`failed` by the next command that looks at it. Outputs in the run's directory: manifest.json (written
+first, with `status`: running, then failed or complete), and, only once the run is complete,
+selected.jsonl (the original records, in selection order, byte-for-byte) and ids.txt; until then they are
+`*.partial` (with the complete manifest beside them, so a run killed right after it was marked complete is
+published by the next command that lists it).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import secrets
 import time
 from collections import Counter
@@ -22,10 +26,12 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from .config import ConfigError, SelectionConfig, to_jsonable
+from .config import ConfigError, SelectionConfig, hinted, to_jsonable
 from .diagnostics import describe, regime_diagnostics
-from .graph import Graph, GraphError, decode_vectors, vector_pages
+from .files import atomic_write_json, atomic_write_text
+from .graph import Graph, GraphError, GraphUnavailable, decode_vectors, vector_pages
 from .knowledge import Component, components_for_selection
+from .locks import ProcessIdentity
 from .numerics import FLOAT32_UNIT, exact_matvec, float32_dot_error, top_exact, unit_filter_error
 from .admission import Pick, WalkResult
 from .graph_walk import GraphWalk
@@ -36,6 +42,7 @@ class SpaceInfo:
     id: str
     n_samples: int
     dim: int
+    build: int | None = None
     pool_cosines: dict[str, Any] | None = None  # the build's sample of pairwise cosines (diagnostics)
 
 
@@ -65,12 +72,14 @@ class RunResult:
 def space_info(graph: Graph) -> SpaceInfo:
     spaces = graph.read("feature_space")
     if not spaces:
-        raise GraphError("the database holds no graph yet; build one with `g2is graph build`")
+        raise hinted(GraphError("the database holds no graph yet"), "build one with `g2is graph build`")
     space = spaces[0]
     if space["status"] != "complete":
-        raise GraphError(f"the last graph build of space {space['id']} did not finish; re-run `g2is graph build`")
+        raise hinted(GraphError(f"the last graph build of space {space['id']} did not finish (or is running)"),
+                     "re-run the same `g2is graph build` (it resumes), or wait for the one running")
     pool = space.get("pool_cosines")
-    return SpaceInfo(space["id"], int(space["n_samples"]), int(space["dim"]), json.loads(pool) if pool else None)
+    return SpaceInfo(space["id"], int(space["n_samples"]), int(space["dim"]), space.get("build"),
+                     json.loads(pool) if pool else None)
 
 
 def load_vectors(graph: Graph, space: SpaceInfo, page: int = 2000) -> tuple[np.ndarray, list[dict[str, Any]]]:
@@ -81,15 +90,28 @@ def load_vectors(graph: Graph, space: SpaceInfo, page: int = 2000) -> tuple[np.n
         vectors[[r["row"] for r in records]] = page_vectors
         nodes += records
     if [n["row"] for n in nodes] != list(range(space.n_samples)):
-        raise GraphError(f"space {space.id}: node rows are not 0..{space.n_samples - 1}; rebuild the graph")
+        raise hinted(GraphError(f"space {space.id}: node rows are not 0..{space.n_samples - 1}"),
+                     "re-run `g2is graph build` with the graph's --state: it rewrites what the database lacks")
     return vectors, nodes
+
+
+def check_validation(graph: Graph, space: SpaceInfo, tasks: tuple[str, ...]) -> list[dict[str, Any]]:
+    """The validation examples of `tasks` (provenance only), or a clear error naming the tasks the graph has."""
+    records = graph.read("validation_nodes", space=space.id, tasks=list(tasks) or None)
+    if not records:
+        known = sorted({r["task"] for r in graph.read("validation_nodes", space=space.id, tasks=None)})
+        what = f" for task(s) {', '.join(tasks)}" if tasks else ""
+        raise hinted(GraphError(f"no validation examples{what} in the graph"
+                                + (f" (it has tasks: {', '.join(known)})" if known else "")),
+                     "pass --task with one of the graph's tasks" if known else
+                     "add them with `g2is graph build --validation`")
+    return records
 
 
 def load_validation(graph: Graph, space: SpaceInfo, tasks: tuple[str, ...]) -> tuple[np.ndarray, list[dict]]:
     records = graph.read("validation_vectors", space=space.id, tasks=list(tasks) or None)
     if not records:
-        raise GraphError(f"no validation examples{' for tasks ' + ', '.join(tasks) if tasks else ''} in the graph; "
-                         "add them with `g2is graph build --validation`")
+        check_validation(graph, space, tasks)
     vectors = decode_vectors(records)
     for r in records:
         r.pop("gradient")
@@ -149,14 +171,60 @@ def new_run_id(method: str) -> str:
     return f"{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%S')}-{method}-{secrets.token_hex(3)}"
 
 
-def start_run(graph: Graph, config: SelectionConfig, space: SpaceInfo, n: int, run_id: str | None = None,
-              **extra: Any) -> str:
-    """Create the :SelectionRun (status running) with its full config before anything is chosen."""
-    run_id = run_id or new_run_id(config.method)
-    graph.write("run_start", id=run_id, props={
-        "method": config.method, "space": space.id, "n_pool": space.n_samples, "n_requested": n,
-        "config": json.dumps(to_jsonable(config), sort_keys=True), **extra})
-    return run_id
+OUTPUT_FILES = ("selected.jsonl", "ids.txt")
+PARTIAL = ".partial"  # outputs carry this suffix until the run is complete
+
+
+class OpenRun:
+    """One :SelectionRun from its start to its end, as a context: the output directory and its manifest
+    (status running) first, so an unwritable --out is refused before any run exists; then the run node;
+    on any exception the run is marked failed with the reason, in the database and the manifest."""
+
+    def __init__(self, graph: Graph, config: SelectionConfig, space: SpaceInfo, n: int,
+                 out_root: str | Path | None, run_id: str | None = None, **extra: Any):
+        self.graph, self.config, self.space, self.n, self.extra = graph, config, space, n, extra
+        self.id = run_id or new_run_id(config.method)
+        self.out_dir = Path(out_root) / self.id if out_root is not None else None
+        self.process = ProcessIdentity.current()
+        self.finished = False
+
+    def manifest_head(self, status: str) -> dict[str, Any]:
+        return {"run": self.id, "status": status, "method": self.config.method, "space": self.space.id,
+                "n_pool": self.space.n_samples, "n_requested": self.n, "config": to_jsonable(self.config),
+                "process": self.process.as_dict()}
+
+    def __enter__(self) -> "OpenRun":
+        if self.out_dir is not None:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(self.out_dir / "manifest.json", self.manifest_head("running"), indent=2, sort_keys=True)
+        self.graph.write("run_start", id=self.id, props={
+            "method": self.config.method, "space": self.space.id, "n_pool": self.space.n_samples,
+            "n_requested": self.n, "config": json.dumps(to_jsonable(self.config), sort_keys=True),
+            "process": json.dumps(self.process.as_dict()), "graph_build": self.space.build, **self.extra})
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc is not None and not self.finished:
+            self.fail(exc)
+        return False
+
+    def fail(self, exc: BaseException) -> None:
+        """Mark the run failed (best effort: with the database down it stays `running` until a later command
+        finds its process gone) and take its partial outputs away."""
+        reason = "interrupted (SIGINT)" if isinstance(exc, KeyboardInterrupt) else \
+            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:500]
+        try:
+            self.graph.write("run_finish", id=self.id, props={"reason": reason}, status="failed")
+        except (GraphError, GraphUnavailable):
+            pass
+        if self.out_dir is not None:
+            try:
+                for name in OUTPUT_FILES + ("manifest.json",):
+                    (self.out_dir / (name + PARTIAL)).unlink(missing_ok=True)
+                atomic_write_json(self.out_dir / "manifest.json", self.manifest_head("failed") | {"reason": reason},
+                                  indent=2, sort_keys=True)
+            except OSError:
+                pass  # the directory itself is what failed (full or read-only disk)
 
 
 def select(graph: Graph, config: SelectionConfig, out_root: str | Path | None = None, echo=print,
@@ -165,7 +233,15 @@ def select(graph: Graph, config: SelectionConfig, out_root: str | Path | None = 
     config.validate()
     space = space_info(graph)
     n = n_to_select(config, space.n_samples)
-    run_id = start_run(graph, config, space, n, run_id)
+    if config.method != "random":
+        check_validation(graph, space, config.tasks)
+    with OpenRun(graph, config, space, n, out_root, run_id) as run:
+        return _select(graph, config, space, n, run, echo, progress)
+
+
+def _select(graph: Graph, config: SelectionConfig, space: SpaceInfo, n: int, run: OpenRun, echo,
+            progress: bool) -> RunResult:
+    run_id = run.id
     timings: dict[str, float] = {}
     started = time.perf_counter()
     walk_result = None
@@ -195,12 +271,13 @@ def select(graph: Graph, config: SelectionConfig, out_root: str | Path | None = 
     result = RunResult(run_id, config.method, picks, [c.record() for c in components], None, walk_result, timings)
     if walk_result is not None:
         result.diagnostics = regime_diagnostics(walk_result, components, space.pool_cosines, graph.counts()["conflict"])
-    return record_run(graph, result, config, space, out_root, echo)
+    return record_run(run, result, echo)
 
 
-def record_run(graph: Graph, result: RunResult, config: SelectionConfig, space: SpaceInfo,
-               out_root: str | Path | None, echo=print) -> RunResult:
-    """SELECTED relationships, then the outputs, then status complete (the last write)."""
+def record_run(run: OpenRun, result: RunResult, echo=print) -> RunResult:
+    """SELECTED relationships, then the outputs (as *.partial), then status complete, then the outputs under
+    their names and the manifest's status complete: a run is never complete-looking before it is complete."""
+    graph, config, space = run.graph, run.config, run.space
     graph.write_rows("run_selected", (p.record() for p in result.picks), 1000, run=result.id)
     walk = result.walk
     props = {"n_selected": len(result.picks), "components": json.dumps(result.components),
@@ -211,10 +288,19 @@ def record_run(graph: Graph, result: RunResult, config: SelectionConfig, space: 
                      rejections=json.dumps([list(r.__dict__.values()) for r in walk.rejections]))
     if result.diagnostics is not None:
         props.update(diagnostics=json.dumps(result.diagnostics), warnings=result.diagnostics["warnings"])
-    if out_root is not None:
-        result.out_dir = write_outputs(graph, result, config, space, Path(out_root) / result.id, props)
-        props["out_dir"] = str(result.out_dir)
+    if run.out_dir is not None:
+        manifest = write_outputs(graph, result, config, space, run.out_dir, props) | run.manifest_head("complete")
+        atomic_write_json(run.out_dir / ("manifest.json" + PARTIAL), manifest, indent=2, sort_keys=True)
+        props["out_dir"] = str(run.out_dir.resolve())
+    now = space_info(graph)
+    if now.build != space.build or now.n_samples != space.n_samples:
+        raise hinted(GraphError(f"the graph was rebuilt while the run was selecting (build {space.build} -> "
+                                f"{now.build}): its picks may mix both graphs"), "run the selection again")
     graph.write("run_finish", id=result.id, props=props, status="complete")
+    run.finished = True
+    if run.out_dir is not None:
+        publish_outputs(run.out_dir)
+        result.out_dir = run.out_dir
     for warning in (result.diagnostics or {}).get("warnings", ()):
         echo(f"warning: {warning}")
     if walk is not None and walk.shortfall:
@@ -223,13 +309,25 @@ def record_run(graph: Graph, result: RunResult, config: SelectionConfig, space: 
     return result
 
 
+def publish_outputs(out_dir: Path) -> bool:
+    """Give a complete run's outputs their names, the manifest last (idempotent); False when there was nothing
+    to publish."""
+    if not (out_dir / ("manifest.json" + PARTIAL)).exists():
+        return False
+    for name in OUTPUT_FILES + ("manifest.json",):
+        if (out_dir / (name + PARTIAL)).exists():
+            os.replace(out_dir / (name + PARTIAL), out_dir / name)
+    return True
+
+
 def write_outputs(graph: Graph, result: RunResult, config: SelectionConfig, space: SpaceInfo, out_dir: Path,
-                  props: dict[str, Any]) -> Path:
+                  props: dict[str, Any]) -> dict[str, Any]:
+    """selected.jsonl and ids.txt as *.partial files (renamed once the run is complete); returns the manifest."""
     out_dir.mkdir(parents=True, exist_ok=True)
     picks = graph.read("run_picks", id=result.id)
     lines = original_lines([(p["source_file"], p["line"]) for p in picks])
-    (out_dir / "selected.jsonl").write_text("".join(lines), encoding="utf-8")
-    (out_dir / "ids.txt").write_text("".join(p["pick"]["id"] + "\n" for p in picks), encoding="utf-8")
+    atomic_write_text(out_dir / ("selected.jsonl" + PARTIAL), "".join(lines))
+    atomic_write_text(out_dir / ("ids.txt" + PARTIAL), "".join(p["pick"]["id"] + "\n" for p in picks))
     manifest = {"run": result.id, "method": result.method, "space": space.id, "n_pool": space.n_samples,
                 "n_selected": len(picks), "config": to_jsonable(config), "components": result.components,
                 "per_source": dict(Counter(p["dataset"] or p["source_file"] for p in picks)),
@@ -237,8 +335,7 @@ def write_outputs(graph: Graph, result: RunResult, config: SelectionConfig, spac
                 "walk": {k: v for k, v in props.items() if k in ("steps", "round_trips", "shortfall", "filled", "budgets", "scan")},
                 "diagnostics": result.diagnostics,
                 "selected_sha256": hashlib.sha256("".join(lines).encode()).hexdigest()}
-    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
-    return out_dir
+    return manifest
 
 
 def original_lines(locations: list[tuple[str, int]]) -> list[str]:

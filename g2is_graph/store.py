@@ -18,13 +18,15 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from .config import hinted
+from .files import atomic_write_bytes, create_exclusive
 
 FORMAT = "g2is-features-v1"
 # fields of meta.json that must agree for features to be compared or merged
@@ -42,15 +44,6 @@ def _sha256(path: Path) -> str:
         while block := fh.read(1 << 22):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def records_sha256(rows: Sequence[dict[str, Any]]) -> str:
@@ -98,6 +91,8 @@ class FeatureStore:
         meta = {"format": FORMAT, **meta, "n_rows": len(rows), "records_sha256": records_sha256(rows)}
         store = cls(path)
         meta_path = store.path / "meta.json"
+        if meta_path.exists() and store._torn_meta():
+            meta_path.unlink()  # an older g2is killed while writing it, before any chunk: nothing to keep
         if meta_path.exists():
             existing = store.meta
             different = diff_meta(existing, meta) + (["n_rows"] if existing.get("n_rows") != meta["n_rows"] else [])
@@ -107,14 +102,19 @@ class FeatureStore:
             return store
         (store.path / "chunks").mkdir(parents=True, exist_ok=True)
         body = "".join(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n" for row in rows)
-        _atomic_write(store.path / "rows.jsonl", body.encode("utf-8"))
-        try:  # several shards may create the same store at once: the first meta.json wins, the rest must match
-            fd = os.open(meta_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            with os.fdopen(fd, "w") as fh:
-                fh.write(json.dumps(meta, indent=2, sort_keys=True))
-        except FileExistsError:
+        atomic_write_bytes(store.path / "rows.jsonl", body.encode("utf-8"))
+        # several shards may create the same store at once: the first complete meta.json wins, the rest must match
+        if not create_exclusive(meta_path, json.dumps(meta, indent=2, sort_keys=True).encode()):
             return cls.create_or_open(path, requested, rows)
         return store
+
+    def _torn_meta(self) -> bool:
+        """meta.json empty or cut short while no chunk was written (a kill during its creation)."""
+        try:
+            json.loads((self.path / "meta.json").read_text())
+            return False
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return not any((self.path / "chunks").glob("chunk-*.json"))
 
     # -- metadata --------------------------------------------------------------------------
     @property
@@ -185,10 +185,10 @@ class FeatureStore:
         if raw is not None:
             tensors["raw"] = np.ascontiguousarray(raw, dtype=dtype)
         data, sidecar = self._chunk_paths(chunk)
-        _atomic_write(data, save(tensors))
+        atomic_write_bytes(data, save(tensors))
         info = {"chunk": chunk, "rows": [start, stop], "sha256": _sha256(data), "device": device,
                 "tensors": sorted(tensors)}
-        _atomic_write(sidecar, json.dumps(info, sort_keys=True).encode())
+        atomic_write_bytes(sidecar, json.dumps(info, sort_keys=True).encode())
 
     def read_chunk(self, chunk: int, name: str = "normalized") -> np.ndarray:
         from safetensors.numpy import load
@@ -237,15 +237,24 @@ def import_less(matrix_path: str | Path, jsonl_paths: Sequence[str | Path], out:
     from .data import read_many
 
     records = read_many(jsonl_paths).records
-    matrix = torch.load(matrix_path, map_location="cpu", weights_only=True)
+    try:
+        matrix = torch.load(matrix_path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any failure to unpickle means: not a saved tensor
+        raise hinted(StoreError(f"{matrix_path}: not a saved torch tensor ({type(exc).__name__}: "
+                                f"{str(exc).splitlines()[0][:200] if str(exc) else 'unreadable'})"),
+                     "pass LESS's all_orig.pt (--normalized) or all_unormalized.pt (--raw)") from exc
     if not isinstance(matrix, torch.Tensor) or matrix.ndim != 2:
-        raise StoreError(f"{matrix_path}: expected a 2-D tensor, got {type(matrix).__name__}")
+        what = f"a {matrix.ndim}-D tensor" if isinstance(matrix, torch.Tensor) else f"a {type(matrix).__name__}"
+        raise hinted(StoreError(f"{matrix_path}: expected a 2-D tensor (rows x dims), got {what}"),
+                     "pass LESS's all_orig.pt (--normalized) or all_unormalized.pt (--raw)")
     features = matrix.float().numpy()
     if features.shape[0] != len(records):
         raise StoreError(f"{matrix_path}: {features.shape[0]} rows but the jsonl files hold {len(records)} records")
     if not np.all(np.isfinite(features)):
         bad = int(np.where(~np.isfinite(features).all(axis=1))[0][0])
         raise StoreError(f"{matrix_path}: row {bad} ({records[bad].source_file}:{records[bad].line}) is not finite")
+    if normalized:
+        features = checked_unit_rows(features, matrix_path, records)
     rows = [record_row(r) for r in records]
     full_meta = {"model": meta.get("model", {"path": "unknown (LESS import)"}),
                  "checkpoint": meta.get("checkpoint", {"name": Path(matrix_path).parent.name}),
@@ -255,6 +264,22 @@ def import_less(matrix_path: str | Path, jsonl_paths: Sequence[str | Path], out:
                  "model_dtype": meta.get("model_dtype"), "data": meta.get("data"),
                  "imported_from": str(matrix_path)}
     return write_array_store(out, features, rows, full_meta, raw=not normalized)
+
+
+UNIT_NORM_TOLERANCE = 1e-2  # |norm - 1| accepted as "normalised" (float16 LESS stores round to ~1e-3)
+
+
+def checked_unit_rows(features: np.ndarray, matrix_path, records) -> np.ndarray:
+    """Rows that claim to be normalised must have unit norm: raw features taken for normalised ones would
+    give edge weights that are not cosines. Within the tolerance they are renormalised exactly."""
+    norms = np.linalg.norm(features.astype(np.float64), axis=1)
+    bad = np.flatnonzero(np.abs(norms - 1.0) > UNIT_NORM_TOLERANCE)
+    if len(bad):
+        r = int(bad[0])
+        raise hinted(StoreError(f"{matrix_path}: row {r} ({records[r].source_file}:{records[r].line}) has norm "
+                                f"{norms[r]:.4g}, not 1 ({len(bad)} of {len(norms)} rows are not unit length)"),
+                     "these are raw features: import them with --raw (LESS's all_unormalized.pt), which normalises them")
+    return (features / norms[:, None]).astype(np.float32)
 
 
 def write_array_store(out: str | Path, features: np.ndarray, rows: Sequence[dict[str, Any]], meta: dict[str, Any],

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from .config import ConfigError, to_jsonable
 from .data import Encoded, collate
+from .files import atomic_write_json
 from .gradients import per_example_loss
 from .model import add_lora, load_base_model, lora_parameters, pick_device
 
@@ -33,13 +34,17 @@ LOG_FILE = "train_log.jsonl"
 def write_or_check_manifest(path: Path, manifest: dict, keys: Sequence[str], what: str) -> None:
     """Save a job's manifest, or refuse to resume a directory whose earlier job used other settings."""
     if path.exists():
-        previous = json.loads(path.read_text())
+        try:
+            previous = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path}: corrupted ({type(exc).__name__}); it cannot tell which settings the "
+                              f"earlier {what} used: delete the directory or use a new one") from exc
         changed = [k for k in keys if previous.get(k) != manifest[k]]
         if changed:
             raise ConfigError(f"{path}: an earlier {what} in this directory used different {', '.join(changed)}; "
                               "use a new output directory")
     else:
-        path.write_text(json.dumps(manifest, indent=2))
+        atomic_write_json(path, manifest, indent=2)
 
 
 def linear_schedule(step: int, total: int, warmup: int, lr: float) -> float:

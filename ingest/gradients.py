@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from g2is_graph.config import ConfigError, DataConfig, GradientConfig, ProjectorConfig, to_jsonable
+from g2is_graph.config import ConfigError, DataConfig, GradientConfig, ProjectorConfig
 from g2is_graph.data import collate, load_pool
 from g2is_graph.gradients import PerExampleGradients, adam_feature
 from g2is_graph.model import load_tokenizer, load_with_adapter, model_identity, pick_device
@@ -56,8 +56,11 @@ def run_gradients(paths: Sequence[str | Path], model_spec: str | Path, checkpoin
     already in a graph) for each checkpoint, into out_dir/<checkpoint name>."""
     config.validate()
     projector_config.validate()
+    data_config.validate()
     if not checkpoints:
         raise ConfigError("at least one warmup checkpoint is needed (g2is warmup makes them)")
+    for checkpoint_path in checkpoints:
+        Checkpoint.load(checkpoint_path)  # a folder that is not a checkpoint is refused before any work
     started = time.perf_counter()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -89,7 +92,7 @@ def run_gradients(paths: Sequence[str | Path], model_spec: str | Path, checkpoin
                 "parameters": {"dim": extractor.spec.dim, "count": len(extractor.spec.names),
                                "first": extractor.spec.names[0]},
                 "chunk_rows": config.chunk_rows, "store_dtype": config.store_dtype, "model_dtype": config.dtype,
-                "data": to_jsonable(data_config) | {"skip_bad": None}}
+                "data": data_config.identity() | {"skip_bad": None}}
         store = FeatureStore.create_or_open(out_dir / checkpoint.name, meta, rows)
         todo = store.missing_chunks(shard)
         bar = tqdm(total=sum(stop - start for start, stop in map(store.plan.bounds, todo)), unit="ex",

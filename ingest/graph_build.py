@@ -2,14 +2,20 @@
 
 A build computes, then writes. Its state lives in a directory next to the stores (default
 `<stores' parent>/graph`):
-    state.json      the feature space, settings, the segments (input stores) consumed, the node ids,
-                    the build number and what the next write must cover
-    index.bin       the hnswlib index over every node (extended by incremental ingests)
-    neighbors.npz   each node's SIMILAR and CONFLICT lists (row indices and raw cosines)
+    state.json      the graph's id, feature space, settings, the segments (input stores) consumed, the
+                    node ids, the build number and what the next write must cover; written last (the
+                    commit point of a build's computation)
+    index-B.bin     the hnswlib index over every node of build B (extended by incremental ingests)
+    neighbors-B.npz each node's SIMILAR and CONFLICT lists of build B (row indices and raw cosines)
+    lock            held (flock) by the one process that may change this directory
 
 Writes are MERGEs (nodes by id; edges by syncing each source's list exactly), so any write can be
-repeated: an interrupted build, or one whose server died, is re-run and ends in the same graph. The
-:FeatureSpace node records the last build written completely; a re-run of a finished build is a no-op.
+repeated: an interrupted build, or one whose server died, is re-run and ends in the same graph. One
+writer at a time: the state directory's lock, and the graph's write lock in the database (a :GraphLock
+node with a heartbeat). What the database holds is checked on every build, never assumed: the
+:FeatureSpace node names the state (id, directory, build) last written completely, and the nodes, their
+rows and the edge counts must match that state before a build is called up to date; a database written
+from another state directory is refused with its name, never silently left as it is.
 A later segment adds only unseen content (by content hash), and updates the lists of existing nodes
 that newcomers displace; in exact mode A then B gives exactly the graph of A+B.
 """
@@ -17,9 +23,10 @@ that newcomers displace; in exact mode A then B gives exactly the graph of A+B.
 from __future__ import annotations
 
 import json
-import os
 import time
-from collections.abc import Iterator, Sequence
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,9 +34,11 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from g2is_graph.config import GraphConfig, to_jsonable
+from g2is_graph.config import GraphConfig, hinted, to_jsonable
 from g2is_graph.diagnostics import pool_cosine_stats
+from g2is_graph.files import atomic_write_json
 from g2is_graph.graph import Graph, GraphError, validation_basis
+from g2is_graph.locks import DatabaseLock, FileLock
 from g2is_graph.knn import HnswIndex, HnswSettings, Neighbors, exact_topk, measure_recall
 from g2is_graph.space import FeatureSpace, check_in_space, combined_features, open_stores, space_of
 from g2is_graph.store import FeatureStore, StoreError
@@ -73,12 +82,6 @@ class BuildResult:
         return "; ".join(parts)
 
 
-def _atomic_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
-    os.replace(tmp, path)
-
-
 class GraphState:
     """What has been computed for one graph, on disk."""
 
@@ -94,10 +97,13 @@ class GraphState:
         shaping = {name: getattr(config, name) for name in SHAPING}
         if not path.exists():
             directory.mkdir(parents=True, exist_ok=True)
-            return cls(directory, {"format": STATE_FORMAT, "space": space.describe(), "settings": shaping,
-                                   "segments": [], "ids": [], "content_hashes": [], "build": 0,
+            return cls(directory, {"format": STATE_FORMAT, "graph_id": uuid.uuid4().hex, "space": space.describe(),
+                                   "settings": shaping, "segments": [], "ids": [], "content_hashes": [], "build": 0,
                                    "pending": {"nodes": [], "edges": []}})
-        data = json.loads(path.read_text())
+        try:
+            data = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise StoreError(f"{path}: corrupted ({type(exc).__name__}): not a g2is graph state") from exc
         if data.get("format") != STATE_FORMAT:
             if str(data.get("format", "")).startswith("g2is-graph-state-"):
                 raise StoreError(f"{path}: a graph state of format {data['format']} (an older g2is, whose edge "
@@ -112,18 +118,44 @@ class GraphState:
             was = ", ".join(f"{k}={saved.get(k)}" for k in changed)
             raise StoreError(f"{path}: built with different {', '.join(changed)} ({was}); "
                              "use the same settings or another --state directory")
-        return cls(directory, data)
+        state = cls(directory, data)
+        if "graph_id" not in data:  # a state from before graphs had ids: give it one for good
+            data["graph_id"] = uuid.uuid4().hex
+            state.save()
+        return state
 
     @property
     def n(self) -> int:
         return len(self.data["ids"])
 
+    @property
+    def graph_id(self) -> str:
+        return self.data["graph_id"]
+
     def save(self) -> None:
-        _atomic_json(self.dir / "state.json", self.data)
+        atomic_write_json(self.dir / "state.json", self.data, indent=1, sort_keys=True)
 
     def neighbors(self) -> Neighbors | None:
         path = self.dir / f"neighbors-{self.data['build']}.npz"
         return Neighbors.load(path) if self.data["build"] and path.exists() else None
+
+    def index_path(self, build: int) -> Path:
+        """The hnswlib index of one build: written before state.json names that build, so a kill in between
+        leaves the previous build's index untouched for the re-run."""
+        return self.dir / f"index-{build}.bin"
+
+    def load_index(self, vectors: np.ndarray, config: GraphConfig, capacity: int, echo) -> HnswIndex:
+        """The index of the current build over `vectors` (every node so far); rebuilt from them when its
+        file is missing or holds another number of items than the state lists."""
+        settings = _hnsw(config)
+        for path in (self.index_path(self.data["build"]), self.dir / "index.bin"):  # index.bin: older g2is
+            if path.exists():
+                index = HnswIndex.load(path, vectors.shape[1], settings, capacity)
+                if index.count == len(vectors):
+                    return index
+        echo(f"rebuilding the hnswlib index of {self.dir} from its {len(vectors)} vectors (its index file is "
+             "missing or out of step with state.json)")
+        return HnswIndex.build(vectors, settings, capacity)
 
     def vectors(self) -> np.ndarray:
         """Every node's vector in node order, from the segments' stores (checksums verified); read once per
@@ -227,14 +259,14 @@ def _timed_write(graph: Graph, name: str, rows, total: int, batch: int, unit: st
     return time.perf_counter() - started
 
 
-def check_graph_space(graph: Graph, space: FeatureSpace) -> dict[str, Any] | None:
+def check_graph_space(graph: Graph, space_id: str) -> dict[str, Any] | None:
     """The database's :FeatureSpace record if it is this space; refuse a database holding another."""
     found = graph.read("feature_space")
-    others = [f for f in found if f["id"] != space.id]
+    others = [f for f in found if f["id"] != space_id]
     if others:
-        raise GraphError(f"the database holds feature space {others[0]['id']}, not {space.id}: features from "
-                         "another model, checkpoint or projector cannot share a graph; use another database "
-                         "or `g2is db reset`")
+        raise hinted(GraphError(f"the database holds feature space {others[0]['id']}, not {space_id}: features "
+                                "from another model, checkpoint or projector cannot share a graph"),
+                     "use another database (NEO4J_URI / NEO4J_DATABASE), or `g2is db reset` to empty this one")
     return found[0] if found else None
 
 
@@ -244,19 +276,37 @@ def graph_content_hashes(state_dir: str | Path) -> frozenset[str]:
     return frozenset(json.loads(path.read_text())["content_hashes"]) if path.exists() else frozenset()
 
 
+@contextmanager
+def write_locks(graph: Graph, state_dir: Path, config: GraphConfig, echo) -> Iterator[DatabaseLock]:
+    """One writer per state directory and per graph: a second build or ingest waits up to lock_wait_s for
+    the first, then is refused with the holder's name."""
+    with FileLock(state_dir / "lock", f"the graph state directory {state_dir}").acquire(config.lock_wait_s, echo):
+        with DatabaseLock(graph, "the graph", config.lock_stale_s, config.heartbeat_s).acquire(
+                config.lock_wait_s, echo) as lock:
+            yield lock
+
+
 def build_graph(graph: Graph, train_stores: Sequence[str | Path], config: GraphConfig,
                 state_dir: str | Path | None = None, validation_stores: Sequence[str | Path] = (),
                 echo=print, progress: bool = True) -> BuildResult:
-    """Add the stores' examples to the graph (first build or incremental) and write what changed."""
+    """Add the stores' examples to the graph (first build or incremental) and write what the database lacks."""
     config.validate()
-    timings: dict[str, float] = {}
-    started = time.perf_counter()
     stores = open_stores(train_stores)
     space = space_of(stores)
     state_dir = Path(state_dir) if state_dir else stores[0].path.parent / "graph"
+    with write_locks(graph, state_dir, config, echo) as lock:
+        return _build_locked(graph, stores, space, config, state_dir, validation_stores, lock, echo, progress)
+
+
+def _build_locked(graph: Graph, stores: list[FeatureStore], space: FeatureSpace, config: GraphConfig, state_dir: Path,
+                  validation_stores: Sequence[str | Path], lock: DatabaseLock, echo, progress: bool) -> BuildResult:
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
     state = GraphState.open(state_dir, space, config)
     graph.init_schema()
-    recorded = check_graph_space(graph, space)
+    recorded = check_graph_space(graph, space.id)
+    census = refuse_foreign_graph(graph, state.dir, state.graph_id, state.data["ids"], space.id, recorded,
+                                  incoming=lambda: [row["id"] for row in stores[0].rows()])
 
     segment_key = [str(s.path.resolve()) for s in stores]
     known = {tuple(seg["stores"]) for seg in state.data["segments"]}
@@ -266,17 +316,135 @@ def build_graph(graph: Graph, train_stores: Sequence[str | Path], config: GraphC
     timings["compute"] = time.perf_counter() - started
 
     result = BuildResult(space.id, state_dir, state.n, n_new, n_duplicates, 0, state.data.get("recall"), timings)
-    in_sync = recorded is not None and recorded.get("build") == state.data["build"] and recorded.get("status") == "complete"
-    if not in_sync:
-        _write(graph, state, space, recorded, config, result, progress)
+    lists = state.neighbors()
+    plan = plan_write(graph, state, space, recorded, lists, census)
+    if plan is not None:
+        if plan.reason:
+            echo(f"writing all {state.n} nodes and their edges: {plan.reason}")
+        _write(graph, state, space, config, result, progress, lock, lists, plan)
+        after = plan_write(graph, state, space, check_graph_space(graph, space.id), lists)
+        if after is not None and plan.incremental:  # the previous build was damaged where this one left it alone
+            echo(f"writing all {state.n} nodes and their edges: {after.reason}")
+            _write(graph, state, space, config, result, progress, lock, lists, after)
+            after = plan_write(graph, state, space, check_graph_space(graph, space.id), lists)
+        if after is not None:
+            raise GraphError(f"after writing every node of {state.dir}, {after.reason}: another process writes "
+                             "to this database without the graph lock")
     if validation_stores:
         result.n_validation = write_validation(graph, space, validation_stores, config, progress)
     t0 = time.perf_counter()
     result.n_dots = write_validation_dots(graph, state, space, config, progress)
     if result.n_dots:
         result.seconds["validation_dots"] = time.perf_counter() - t0
-    result.up_to_date = in_sync and not validation_stores and not result.n_dots
+    result.up_to_date = plan is None and not validation_stores and not result.n_dots
     return result
+
+
+@dataclass(frozen=True)
+class WritePlan:
+    nodes: list[int]  # rows whose nodes are written
+    edges: list[int]  # rows whose SIMILAR and CONFLICT lists are written
+    reason: str  # why everything is written ("" for a first or incremental write)
+    incremental: bool = False
+
+    @classmethod
+    def full(cls, n: int, reason: str) -> "WritePlan":
+        return cls(list(range(n)), list(range(n)), reason)
+
+
+def expected_edges(lists: Neighbors | None) -> tuple[int, int]:
+    """SIMILAR and CONFLICT edges the lists make (CONFLICT only for negative cosines)."""
+    if lists is None:
+        return 0, 0
+    return int(lists.similar_index.size), int((lists.conflict_weight < 0).sum())
+
+
+def plan_write(graph: Graph, state: GraphState, space: FeatureSpace, recorded: dict[str, Any] | None,
+               lists: Neighbors | None, census: dict[str, Any] | None = None) -> WritePlan | None:
+    """What the database lacks of the state's graph (None: nothing), from what it holds now.
+
+    Up to date only when the database names this state and build as completely written and holds exactly
+    its nodes (ids' rows 0..n-1, no other) and its number of SIMILAR and CONFLICT edges. Incremental when it
+    holds the previous build of this state (or an interrupted incremental write of this one); otherwise
+    every node and list is written (the database holds a subset of the state's nodes: checked before)."""
+    census = census or graph.read("space_census", space=space.id)[0]
+    n = state.n
+    pending = state.data["pending"]
+    n_before = n - len(pending.get("nodes", []))
+
+    def holds(count: int) -> bool:
+        return census["n"] == census["rows"] == count and (
+            count == 0 or (census["min_row"], census["max_row"]) == (0, count - 1))
+
+    ours = recorded is not None and recorded.get("state_id") == state.graph_id
+    if ours and recorded.get("status") == "complete" and recorded.get("build") == state.data["build"]:
+        if holds(n) and (census["similar"], census["conflict"]) == expected_edges(lists):
+            return None
+        similar, conflict = expected_edges(lists)
+        return WritePlan.full(n, f"the database lacks part of build {state.data['build']}: it holds {census['n']} of "
+                                 f"{n} nodes ({census['rows']} distinct rows), {census['similar']} of {similar} SIMILAR "
+                                 f"and {census['conflict']} of {conflict} CONFLICT edges")
+    if ours and recorded.get("build") == pending.get("after_build") and (
+            (recorded.get("status") == "complete" and holds(n_before))
+            or (recorded.get("status") == "writing" and recorded.get("writing_build") == state.data["build"])):
+        return WritePlan(pending["nodes"], pending["edges"], "", incremental=True)
+    if recorded is None and census["n"] == 0:
+        return WritePlan.full(n, "")
+    if (recorded is not None and recorded.get("state_id") is None and recorded.get("status") == "complete"
+            and recorded.get("build") == state.data["build"] and holds(n)
+            and (census["similar"], census["conflict"]) == expected_edges(lists)
+            and set(_database_ids(graph, space.id)) == set(state.data["ids"])):
+        graph.write("claim_feature_space", id=space.id, state_id=state.graph_id, state_dir=str(state.dir.resolve()))
+        return None  # written by an older g2is from this very state: adopted as it is
+    was = "was not written completely" if recorded is None or recorded.get("status") != "complete" else \
+        "was last written from another graph state" if not ours else "holds another build of this state"
+    return WritePlan.full(n, f"the database {was} ({census['n']} of its nodes present)")
+
+
+def _database_ids(graph: Graph, space_id: str) -> list[str]:
+    return [r["id"] for r in graph.read("space_ids", space=space_id)]
+
+
+def refuse_foreign_graph(graph: Graph, state_dir: Path, graph_id: str | None, state_ids: Sequence[str],
+                         space_id: str, recorded: dict[str, Any] | None,
+                         incoming: Callable[[], Sequence[str]] = tuple) -> dict[str, Any]:
+    """Refuse a database that holds samples this state will not list (its `state_ids` and the `incoming`
+    ones it is about to add): it holds a graph built from another state directory, and writing this state's
+    lists over it would leave a graph neither state describes. Returns the census of what the database holds."""
+    census = graph.read("space_census", space=space_id)[0]
+    if census["foreign"]:
+        raise hinted(GraphError(f"the database holds {census['foreign']} samples of another feature space"),
+                     "use another database (NEO4J_URI / NEO4J_DATABASE), or `g2is db reset` to empty this one")
+    ours = graph_id is not None and recorded is not None and recorded.get("state_id") == graph_id
+    if census["n"] == 0 or (ours and census["n"] <= len(state_ids)):
+        return census
+    known = set(state_ids) | set(incoming())
+    foreign = [i for i in _database_ids(graph, space_id) if i not in known]
+    if not foreign:
+        return census
+    origin = "another graph state"
+    if recorded is not None and recorded.get("state_dir"):
+        origin = (f"the graph state {recorded['state_dir']} (build {recorded.get('build')}, "
+                  f"{recorded.get('n_samples')} samples, status {recorded.get('status')})")
+    raise hinted(GraphError(f"the database holds {len(foreign)} samples that the graph state {state_dir} does not list "
+                            f"(e.g. {foreign[0]!r}): it was built from {origin}; nothing was written"),
+                 "one database holds one graph: pass the --state directory it was built with, use another database "
+                 "(NEO4J_URI / NEO4J_DATABASE), or `g2is db reset` to rebuild it from this state")
+
+
+def check_state_against_database(graph: Graph, state_dir: str | Path) -> None:
+    """Before featurising new records for a graph (ingest): refuse a database built from another state."""
+    path = Path(state_dir) / "state.json"
+    data = json.loads(path.read_text()) if path.exists() else {}
+    space_id = data.get("space", {}).get("id")
+    found = graph.read("feature_space")
+    if space_id is not None:
+        recorded = check_graph_space(graph, space_id)
+    else:
+        recorded = found[0] if found else None
+        space_id = recorded["id"] if recorded else None
+    if space_id is not None:
+        refuse_foreign_graph(graph, Path(state_dir), data.get("graph_id"), data.get("ids", []), space_id, recorded)
 
 
 def _add_segment(state: GraphState, stores, segment_key: list[str], config: GraphConfig,
@@ -290,8 +458,8 @@ def _add_segment(state: GraphState, stores, segment_key: list[str], config: Grap
             duplicates += 1
             continue
         if row["id"] in known_ids:
-            raise StoreError(f"{row['source_file']}:{row['line']}: id {row['id']!r} is already in the graph with "
-                             "different content; give the new record another id")
+            raise hinted(StoreError(f"{row['source_file']}:{row['line']}: id {row['id']!r} is already in the graph "
+                                    "with different content"), "give the new record another id")
         seen.add(row["content_hash"])
         known_ids.add(row["id"])
         taken.append(i)
@@ -308,41 +476,41 @@ def _add_segment(state: GraphState, stores, segment_key: list[str], config: Grap
     t0 = time.perf_counter()
     index = None
     if not config.exact and n_old:
-        index = HnswIndex.load(state.dir / "index.bin", vectors.shape[1], _hnsw(config), len(vectors))
+        index = state.load_index(vectors[:n_old], config, len(vectors), echo)
     keys = id_keys(state.data["ids"] + [rows[i]["id"] for i in taken])
     lists, index, changed = compute_neighbors(old, vectors, n_old, config, index, keys)
     timings["neighbors"] = time.perf_counter() - t0
+    previous = state.data["build"]
+    build = previous + 1
     if not config.exact:
         t0 = time.perf_counter()
         state.data["recall"] = measure_recall(vectors, lists, config.recall_sample, config.seed, config.device)
         timings["recall"] = time.perf_counter() - t0
-        index.save(state.dir / "index.bin")
+        index.save(state.index_path(build))
     else:
         state.data["recall"] = None
-    previous = state.data["build"]
-    state.data["build"] = previous + 1
-    lists.save(state.dir / f"neighbors-{state.data['build']}.npz")
+    lists.save(state.dir / f"neighbors-{build}.npz")
+    state.data["build"] = build
     state.data["ids"] += [rows[i]["id"] for i in taken]
     state.data["content_hashes"] += [rows[i]["content_hash"] for i in taken]
     state.data["pending"] = {"after_build": previous, "nodes": list(range(n_old, state.n)),
                              "edges": [int(r) for r in changed]}
-    state.save()
-    stale = state.dir / f"neighbors-{previous}.npz"
-    if stale.exists():
-        stale.unlink()
+    state.save()  # the commit point: from here on the files of `build` are the state's
+    for stale in (state.dir / f"neighbors-{previous}.npz", state.index_path(previous), state.dir / "index.bin"):
+        stale.unlink(missing_ok=True)
     return len(taken), duplicates
 
 
-def _write(graph: Graph, state: GraphState, space: FeatureSpace, recorded: dict[str, Any] | None,
-           config: GraphConfig, result: BuildResult, progress: bool) -> None:
-    """Write nodes then edges: only what changed when the database holds the previous build, else all."""
-    pending = state.data["pending"]
-    incremental = recorded is not None and recorded.get("build") == pending.get("after_build")
-    nodes = pending["nodes"] if incremental else list(range(state.n))
-    edges = pending["edges"] if incremental else list(range(state.n))
-    graph.write("merge_feature_space", props=space.node_properties() | {"build": recorded and recorded.get("build")},
-                status="writing")
-    lists = state.neighbors()
+def _write(graph: Graph, state: GraphState, space: FeatureSpace, config: GraphConfig, result: BuildResult,
+           progress: bool, lock: DatabaseLock, lists: Neighbors, plan: WritePlan) -> None:
+    """Write the plan's nodes then their edges; the space is `writing` (naming this state and build) until
+    the last write marks it complete."""
+    nodes, edges = plan.nodes, plan.edges
+    recorded = check_graph_space(graph, space.id)
+    previous_build = recorded.get("build") if recorded and recorded.get("state_id") == state.graph_id else None
+    graph.write("merge_feature_space", props=space.node_properties() | {
+        "build": previous_build, "state_id": state.graph_id, "state_dir": str(state.dir.resolve()),
+        "writing_build": state.data["build"]}, status="writing")
     vectors = state.vectors()
     ids = state.data["ids"]
     t_nodes = _timed_write(graph, "upsert_samples", _node_rows(state, vectors, nodes), len(nodes),
@@ -352,6 +520,7 @@ def _write(graph: Graph, state: GraphState, space: FeatureSpace, recorded: dict[
                          len(edges), config.edge_batch, "node", progress)
     t_con = _timed_write(graph, "sync_conflict", _edge_rows(ids, lists.conflict_index, lists.conflict_weight, edges, True),
                          len(edges), config.edge_batch, "node", progress)
+    lock.check()
     graph.write("merge_feature_space", props=space.node_properties() | {
         "build": state.data["build"], "n_samples": state.n, "k": k, "exact": config.exact,
         "config": json.dumps(to_jsonable(config), sort_keys=True),

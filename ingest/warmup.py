@@ -17,11 +17,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from g2is_graph.config import DataConfig, WarmupConfig, to_jsonable
+from g2is_graph.config import DataConfig, WarmupConfig, hinted, to_jsonable
 from g2is_graph.data import load_pool
 from g2is_graph.gradients import AdamState
 from g2is_graph.model import load_tokenizer, model_identity, pick_device
+from g2is_graph.store import StoreError
 from g2is_graph.training import ADAM_FILE, STATE_FILE, train_lora, write_or_check_manifest
+
+CHECKPOINT_HINT = "pass a checkpoint-epochN folder that `g2is warmup` wrote (it holds trainer_state.json)"
 
 
 @dataclass(frozen=True)
@@ -36,11 +39,14 @@ class Checkpoint:
         path = Path(path)
         try:
             state = json.loads((path / STATE_FILE).read_text())
+            lrs = state["lrs"]
+            start, stop = state["epoch_steps"]
+            return cls(path, state["epoch"], state["step"], tuple(lrs[start:stop]))
         except FileNotFoundError as exc:
-            raise FileNotFoundError(f"{path}: not a g2is warmup checkpoint (no {STATE_FILE})") from exc
-        lrs = state["lrs"]
-        start, stop = state["epoch_steps"]
-        return cls(path, state["epoch"], state["step"], tuple(lrs[start:stop]))
+            raise hinted(StoreError(f"{path}: not a g2is warmup checkpoint (no {STATE_FILE})"), CHECKPOINT_HINT) from exc
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as exc:
+            raise hinted(StoreError(f"{path / STATE_FILE}: corrupted or not written by g2is warmup "
+                                    f"({type(exc).__name__})"), CHECKPOINT_HINT) from exc
 
     @property
     def name(self) -> str:
@@ -54,8 +60,8 @@ class Checkpoint:
         tensors = load_file(self.path / ADAM_FILE)
         missing = [n for n in names if f"{n}::exp_avg" not in tensors]
         if missing:
-            raise KeyError(f"{self.path / ADAM_FILE}: no Adam state for {len(missing)} parameters, "
-                           f"e.g. {missing[0]}; the adapter and the state do not match")
+            raise hinted(StoreError(f"{self.path / ADAM_FILE}: no Adam state for {len(missing)} parameters, "
+                                    f"e.g. {missing[0]}; the adapter and the state do not match"), CHECKPOINT_HINT)
         exp_avg = torch.cat([tensors[f"{n}::exp_avg"].float().reshape(-1) for n in names])
         exp_avg_sq = torch.cat([tensors[f"{n}::exp_avg_sq"].float().reshape(-1) for n in names])
         return AdamState(exp_avg, exp_avg_sq, state["step"], state["beta1"], state["beta2"], state["eps"])
@@ -87,13 +93,15 @@ def sample_warmup_indices(n: int, config: WarmupConfig) -> list[int]:
 
 def run_warmup(pool: Sequence[str | Path], model_spec: str | Path, out_dir: str | Path, config: WarmupConfig,
                data_config: DataConfig, echo=print, progress: bool = True) -> list[Checkpoint]:
+    config.validate()
+    data_config.validate()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = pick_device(config.device)
     tokenizer = load_tokenizer(model_spec)
     records, encoded = load_pool(pool, tokenizer, data_config, out_dir, echo)
     chosen = sample_warmup_indices(len(records), config)
-    manifest = {"config": to_jsonable(config), "data": to_jsonable(data_config), "pool": [str(p) for p in pool],
+    manifest = {"config": to_jsonable(config), "data": data_config.identity(), "pool": [str(p) for p in pool],
                 "model": model_identity(model_spec).as_dict(), "warmup_ids": [records[i].id for i in chosen],
                 "device": device}
     manifest_path = out_dir / "warmup.json"

@@ -112,3 +112,44 @@ def test_no_loss_token_after_truncation_or_empty_answer(tmp_path, tiny_model):
     kept, encoded, skipped = encode_all([long_record, empty_record], tokenizer,
                                         DataConfig(max_length=50, template="tulu", eos_after_assistant=False, skip_bad=True))
     assert kept == [] and [s.line for s in skipped] == [1, 2]
+
+
+def conversation(turns: int) -> dict:
+    return {"messages": [{"role": "user" if i % 2 == 0 else "assistant", "content": f"turn {i} " + "w " * 20}
+                         for i in range(turns)]}
+
+
+def test_input_bounds_are_checked_before_parsing_rendering_or_tokenising(tmp_path):
+    """Issue 15 (6): a 3 MiB line is refused unparsed and the next lines are still read; thousands of turns
+    are refused before any turn is rendered; a pool over max_records is refused where it overflows."""
+    huge = json.dumps({"prompt": "x" * (3 << 20), "completion": "c"})
+    path = write_lines(tmp_path / "big.jsonl", [
+        json.dumps({"prompt": "p", "completion": "c"}), huge, json.dumps(conversation(5000)),
+        json.dumps({"prompt": "q", "completion": "d"}),
+    ])
+    with pytest.raises(RecordError, match=rf"{path}:2: line of {len(huge)} bytes, more than max_line_bytes 1048576"):
+        read_jsonl(path)
+    read = read_jsonl(path, skip_bad=True)
+    assert [r.line for r in read.records] == [1, 4]
+    assert [(e.line, e.field) for e in read.skipped] == [(2, None), (3, "messages")]
+    assert "5000 turns, more than max_turns 256 ([data] max_turns)" in str(read.skipped[1])
+    assert [r.line for r in read_jsonl(path, skip_bad=True, limits=DataConfig(max_line_bytes=4 << 20,
+                                                                              max_turns=5000)).records] == [1, 2, 3, 4]
+    other = write_lines(tmp_path / "more.jsonl", [json.dumps({"prompt": f"p{i}", "completion": "c"}) for i in range(3)])
+    with pytest.raises(RecordError, match=rf"{other}:3: more than max_records 4 records"):
+        read_many([path, other], skip_bad=True, limits=DataConfig(max_records=4))
+
+
+def test_encoding_stops_rendering_turns_once_max_length_is_reached(tmp_path, tiny_model):
+    tokenizer = load_tokenizer(tiny_model)
+    record = read_jsonl(write_lines(tmp_path / "long.jsonl", [json.dumps(conversation(200))])).records[0]
+    full = encode(record, tokenizer, DataConfig(max_length=100_000))
+    renders = []
+    render = tokenizer.apply_chat_template
+    tokenizer.apply_chat_template = lambda *a, **k: renders.append(1) or render(*a, **k)
+    short = encode(record, tokenizer, DataConfig(max_length=256))
+    assert (short.input_ids, short.labels) == (full.input_ids[:256], full.labels[:256])
+    assert full.n_tokens > 20 * 256 and len(renders) <= 8  # the first assistant turns only, not 2 x 100
+    tulu_full = encode(record, tokenizer, DataConfig(template="tulu", max_length=100_000))
+    tulu = encode(record, tokenizer, DataConfig(template="tulu", max_length=256))
+    assert (tulu.input_ids, tulu.labels) == (tulu_full.input_ids[:256], tulu_full.labels[:256])

@@ -4,6 +4,7 @@ checkpoint weights, resume after interruption (byte-identical), shards, and LESS
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -188,3 +189,62 @@ def test_import_less_datastores(tmp_path, pool_file):
     with pytest.raises(StoreError, match="row 3 .*pool.jsonl:4"):
         import_less(tmp_path / "nan.pt", [pool_file], tmp_path / "s4", normalized=False, meta={})
     assert not (tmp_path / "s4").exists()
+
+
+def test_a_gradient_job_killed_while_creating_meta_json_resumes(tiny_model, warmed, tmp_path):
+    """Issue 15 (7): a job killed while writing meta.json left an empty file that blocked every resume."""
+    pool, checkpoints = warmed
+    store_dir = tmp_path / "f" / checkpoints[0].name
+    (store_dir / "chunks").mkdir(parents=True)
+    (store_dir / "meta.json").write_text("")  # what a kill between creating and writing it left behind
+    result = run_gradients([pool], tiny_model, [checkpoints[0].path], tmp_path / "f", GRADS, PROJ, DataConfig(),
+                           progress=False)
+    assert result.chunks_computed == 4 and FeatureStore(store_dir).meta["n_rows"] == 30
+    (store_dir / "meta.json").write_text('{"format": "g2is-feat')  # torn, but chunks exist: never guessed
+    with pytest.raises(StoreError, match="meta.json: corrupted"):
+        run_gradients([pool], tiny_model, [checkpoints[0].path], tmp_path / "f", GRADS, PROJ, DataConfig(),
+                      progress=False)
+
+
+def test_two_ingests_into_one_graph_at_once_end_in_the_sequential_graph(tiny_model, warmed, graph, neo4j_uri,
+                                                                       tmp_path):
+    """Issue 15 (2): two `g2is ingest` processes add different records to one --state at the same time."""
+    import subprocess
+    import sys
+
+    from g2is_graph.config import GraphConfig
+    from ingest.graph_build import build_graph
+
+    pool, checkpoints = warmed
+    checkpoint = checkpoints[0].path
+    config = GraphConfig(k=4, exact=True, device="cpu")
+    base = run_gradients([pool], tiny_model, [checkpoint], tmp_path / "train", GRADS, PROJ, DataConfig(),
+                         progress=False)
+    build_graph(graph, base.stores, config, tmp_path / "state", progress=False)
+    for part in ("a", "b"):
+        with open(tmp_path / f"{part}.jsonl", "w") as fh:
+            for i in range(6):
+                fh.write(json.dumps({"id": f"new-{part}{i}", "prompt": f"{part} question {i} on rivers and trees",
+                                     "completion": f"{part} answer {i}"}) + "\n")
+    (tmp_path / "g2is.toml").write_text("[projector]\ndim = 32\nblock_rows = 256\n"
+                                        "[gradients]\nchunk_rows = 8\nbatch_size = 3\nprojection_batch = 5\n")
+    env = {**os.environ, "NEO4J_URI": neo4j_uri, "G2IS_HOME": str(tmp_path / "home")}
+    ingests = [subprocess.Popen([sys.executable, "-c", "from g2is_graph.cli import main; main(prog_name='g2is')",
+                                 "-q", "ingest", f"{part}.jsonl", "--model", str(tiny_model), "--checkpoint",
+                                 str(checkpoint), "--features", f"features-{part}", "--state", "state", "--exact",
+                                 "--k", "4"], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True) for part in ("a", "b")]
+    outcomes = [(p.wait(timeout=600), *p.communicate()) for p in ingests]
+    assert [code for code, _, _ in outcomes] == [0, 0], [err.splitlines()[-2:] for _, _, err in outcomes]
+    state = json.loads((tmp_path / "state" / "state.json").read_text())
+    stored = graph._run_auto("MATCH (s:Sample) RETURN s.id AS id, s.row AS row ORDER BY s.row")
+    assert [r["id"] for r in stored] == state["ids"] and [r["row"] for r in stored] == list(range(len(stored)))
+    assert {f"new-{p}{i}" for p in "ab" for i in range(6)} <= set(state["ids"])
+    edges = graph._run_auto("MATCH (a:Sample)-[e]->(b:Sample) RETURN type(e) AS t, a.id AS a, b.id AS b, "
+                            "e.weight AS w, e.rank AS r")
+    graph.clear()
+    for stores in (base.stores, [tmp_path / "features-a" / checkpoint.name], [tmp_path / "features-b" / checkpoint.name]):
+        build_graph(graph, stores, config, tmp_path / "sequential", progress=False)
+    sequential = graph._run_auto("MATCH (a:Sample)-[e]->(b:Sample) RETURN type(e) AS t, a.id AS a, b.id AS b, "
+                                 "e.weight AS w, e.rank AS r")
+    assert {tuple(e.values()) for e in edges} == {tuple(e.values()) for e in sequential}

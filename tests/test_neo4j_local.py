@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import os
 import stat
+from pathlib import Path
 
 from click.testing import CliRunner
 
 from g2is_graph.cli import main
-from g2is_graph.neo4j_local import _free_port, _process_alive
+from g2is_graph.config import ServerConfig
+from g2is_graph.neo4j_local import ENTRY_POINT, LocalServer, _free_port, _process_alive
 
 
 def listening_addresses(port: int) -> set[str]:
@@ -99,3 +101,82 @@ def test_unreachable_uri_is_one_line_and_exit_3(monkeypatch):
     assert result.exit_code == 3
     assert result.output.startswith("error: cannot reach Neo4j at bolt://127.0.0.1:")
     assert "Traceback" not in result.output and "hunter2" not in result.output
+
+
+def server_processes(home) -> list[int]:
+    """Pids of every Neo4j server process running on this state directory (by command line)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                args = open(f"/proc/{entry}/cmdline", "rb").read().split(b"\0")
+            except OSError:
+                continue
+            if ENTRY_POINT.encode() in args and f"--home-dir={home}".encode() in args:
+                found.append(int(entry))
+    return found
+
+
+def test_concurrent_auto_starts_one_server_no_default_password_and_ownership_by_identity(tmp_path):
+    """Issue 15 (4): three commands start a stopped server at once; the default password never works; a
+    foreign pid in the pid file (and server.json) neither stops, hides nor duplicates the real server."""
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    from neo4j import GraphDatabase
+    from neo4j.exceptions import AuthError
+
+    from g2is_graph.locks import ProcessIdentity
+
+    home = tmp_path / "home"
+    port = _free_port()
+    conf = tmp_path / "g2is.toml"
+    conf.write_text(f'[server]\nport = {port}\nheap = "512m"\npagecache = "128m"\n')
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NEO4J_")} | {"G2IS_HOME": str(home)}
+    g2is = [str(Path(sys.executable).parent / "g2is"), "--config", str(conf)]
+    first_answer = []
+
+    def try_the_default_password():  # until the server first answers, then stop (one failed attempt at most)
+        deadline = time.monotonic() + 300
+        while not first_answer and time.monotonic() < deadline:
+            try:
+                with GraphDatabase.driver(f"bolt://127.0.0.1:{port}", auth=("neo4j", "neo4j"),
+                                          connection_timeout=1) as driver:
+                    driver.verify_connectivity()
+                first_answer.append("accepted")
+            except AuthError:
+                first_answer.append("refused")
+            except Exception:  # noqa: BLE001 - not listening yet
+                time.sleep(0.02)
+
+    watcher = threading.Thread(target=try_the_default_password)
+    watcher.start()
+    commands = [subprocess.Popen([*g2is, "db", "info"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 text=True) for _ in range(3)]
+    results = [(c.wait(timeout=400), *c.communicate()) for c in commands]
+    watcher.join(timeout=60)
+    server = LocalServer(ServerConfig(state_dir=home / "neo4j", port=port))
+    try:
+        assert all(code == 0 for code, _, _ in results), results
+        assert all(json.loads(out)["samples"] == 0 for _, out, _ in results)
+        assert first_answer == ["refused"]  # Bolt never accepted neo4j:neo4j, not even before g2is connected
+        (pid,) = server_processes(server.home)
+        assert server.status().pid == pid
+
+        server.pid_file.write_text(f"{os.getpid()}\n")  # a pid that is not the server's
+        status = subprocess.run([*g2is, "neo4j", "status"], env=env, capture_output=True, text=True)
+        assert status.returncode == 0 and status.stdout.startswith(f"running: pid {pid}, bolt://127.0.0.1:{port}")
+        info = json.loads(server.info_file.read_text())
+        info.update(pid=os.getpid(), port=1, uri="bolt://127.0.0.1:1", process=ProcessIdentity.current().as_dict())
+        server.info_file.write_text(json.dumps(info))  # server.json overwritten too: the store lock still tells
+        again = subprocess.run([*g2is, "neo4j", "start"], env=env, capture_output=True, text=True)
+        assert again.returncode == 0 and f"running: pid {pid}, bolt://127.0.0.1:{port}" in again.stdout
+        assert server_processes(server.home) == [pid]  # no second JVM
+        stopped = subprocess.run([*g2is, "neo4j", "stop"], env=env, capture_output=True, text=True)
+        assert stopped.returncode == 0 and stopped.stdout.startswith("stopped"), stopped.stdout + stopped.stderr
+        assert server_processes(server.home) == [] and _process_alive(os.getpid())
+    finally:
+        for leftover in server_processes(server.home):
+            os.kill(leftover, 9)

@@ -280,4 +280,8 @@ def test_an_interrupted_selection_run_is_never_left_complete(graph, tmp_path, mo
     with pytest.raises(OSError, match="simulated"):
         selection.select(graph, SelectionConfig(n_select=6), tmp_path / "runs", progress=False)
     runs = graph.read("runs_list")
-    assert len(runs) == 1 and runs[0]["status"] == "running"
+    assert len(runs) == 1 and runs[0]["status"] == "failed" and "disk full (simulated)" in runs[0]["reason"]
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["status"] == "failed" and "disk full" in manifest["reason"]
+    assert sorted(p.name for p in run_dir.iterdir()) == ["manifest.json"]
