@@ -14,8 +14,8 @@ baseline and the batched path (they must agree). Timings exclude model loading a
 from __future__ import annotations
 
 import argparse
-import os
 import json
+import os
 import sys
 import tempfile
 import time
@@ -26,10 +26,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from g2is_graph.config import DataConfig, LoraSettings, ProjectorConfig  # noqa: E402
-from g2is_graph.data import collate, encode_all, read_jsonl  # noqa: E402
-from g2is_graph.gradients import PerExampleGradients, reference_gradient  # noqa: E402
-from g2is_graph.model import add_lora, build_tiny_model, load_base_model, load_tokenizer, pick_device, smollm2_gguf  # noqa: E402
-from g2is_graph.projection import Projector  # noqa: E402
+from g2is_graph.data.records import collate, encode_all, read_jsonl  # noqa: E402
+from g2is_graph.grads.gradients import PerExampleGradients, reference_gradient  # noqa: E402
+from g2is_graph.grads.projection import Projector  # noqa: E402
+from g2is_graph.model.loading import (  # noqa: E402
+    add_lora,
+    build_tiny_model,
+    load_base_model,
+    load_tokenizer,
+    pick_device,
+    smollm2_gguf,
+)
 
 GSM8K = Path(os.environ.get("G2IS_GSM8K", Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k"))
 

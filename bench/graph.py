@@ -22,11 +22,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from g2is_graph.config import GraphConfig, ServerConfig  # noqa: E402
-from g2is_graph.graph import Graph  # noqa: E402
-from g2is_graph.knn import HnswIndex, conflict_recall, exact_topk, recall  # noqa: E402
-from g2is_graph.neo4j_local import LocalServer, _free_port  # noqa: E402
-from g2is_graph.synthetic import clustered_vectors, synthetic_rows, synthetic_store  # noqa: E402
-from ingest.graph_build import _hnsw, build_graph  # noqa: E402
+from g2is_graph.data.synthetic import clustered_vectors, synthetic_rows, synthetic_store  # noqa: E402
+from g2is_graph.db.graph import Graph  # noqa: E402
+from g2is_graph.db.server import LocalServer, _free_port  # noqa: E402
+from g2is_graph.neighbors.knn import HnswIndex, conflict_recall, exact_topk, recall  # noqa: E402
+from ingest.graph_build import build_graph  # noqa: E402
 
 
 def knn_case(n: int, dim: int, k: int, sample: int, exact_sample: int, threads: int = 0,
@@ -39,7 +39,7 @@ def knn_case(n: int, dim: int, k: int, sample: int, exact_sample: int, threads: 
         print(f"N={n:>7} d={dim} exact on {device}, all rows: {time.perf_counter() - started:.1f} s", flush=True)
         return
     started = time.perf_counter()
-    index = HnswIndex.build(vectors, _hnsw(config))
+    index = HnswIndex.build(vectors, config)
     built = time.perf_counter() - started
     lists = index.query(vectors, vectors, np.arange(n), k)
     hnsw_s = time.perf_counter() - started

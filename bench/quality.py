@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from g2is_graph import quality  # noqa: E402
+from g2is_graph.study import quality  # noqa: E402
 
 
 def overrides(args) -> dict:

@@ -26,11 +26,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from g2is_graph.config import GraphConfig, SelectionConfig, ServerConfig  # noqa: E402
-from g2is_graph.graph import Graph  # noqa: E402
-from g2is_graph.neo4j_local import LocalServer, _free_port  # noqa: E402
-from g2is_graph.selection import components_of, load_vectors, select, space_info  # noqa: E402
-from g2is_graph.synthetic import clustered_vectors, synthetic_rows, synthetic_store  # noqa: E402
-from g2is_graph.walk import reference_walk  # noqa: E402
+from g2is_graph.data.synthetic import clustered_vectors, synthetic_rows, synthetic_store  # noqa: E402
+from g2is_graph.db.graph import Graph  # noqa: E402
+from g2is_graph.db.server import LocalServer, _free_port  # noqa: E402
+from g2is_graph.selection.runs import components_of, load_vectors, select, space_info  # noqa: E402
+from g2is_graph.selection.walk import reference_walk  # noqa: E402
 from ingest.graph_build import build_graph  # noqa: E402
 
 FAST_EDGES = GraphConfig(k=16, exact=True)

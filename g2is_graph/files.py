@@ -8,6 +8,7 @@ file that only the first of several writers may create (shards creating one stor
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import secrets
@@ -63,3 +64,12 @@ def create_exclusive(path: str | Path, data: bytes) -> bool:
         return False
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def sha256_file(path: str | Path, block: int = 1 << 22) -> str:
+    """sha256 of a file's bytes, read in blocks (the one file hash: stores, models, data sources, exports)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(block):
+            digest.update(chunk)
+    return digest.hexdigest()

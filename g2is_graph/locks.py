@@ -23,18 +23,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-
-class LockBusy(RuntimeError):
-    """Another process holds a lock this command needs; the message names the holder."""
-
-    hint = ("wait for the other command to finish, or stop it; [graph] lock_wait_s sets how long a build "
-            "waits for the graph lock")
-
-
-class LockLost(RuntimeError):
-    """The graph lock was taken over while this process held it (its heartbeat lapsed)."""
-
-    hint = "re-run the command: it resumes from what was written"
+from g2is_graph.errors import LockBusy, LockLost
 
 
 def boot_id() -> str:
@@ -223,7 +212,7 @@ class DatabaseLock:
         return self
 
     def _beat(self) -> None:
-        from .graph import GraphError, GraphUnavailable
+        from g2is_graph.db.graph import GraphError, GraphUnavailable
 
         while not self._stop.wait(self.heartbeat_s):
             try:
@@ -243,7 +232,7 @@ class DatabaseLock:
     def release(self, write: bool = True) -> None:
         """Stop the heartbeat and free the lock; `write=False` when the database is known to be unreachable
         (the next writer then finds the lock's process gone, or its heartbeat stale)."""
-        from .graph import GraphError, GraphUnavailable
+        from g2is_graph.db.graph import GraphError, GraphUnavailable
 
         self._stop.set()
         if self._thread is not None:
@@ -260,7 +249,7 @@ class DatabaseLock:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        from .graph import GraphUnavailable
+        from g2is_graph.db.graph import GraphUnavailable
 
         self.release(write=not isinstance(exc, GraphUnavailable))
 

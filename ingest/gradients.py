@@ -18,12 +18,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from g2is_graph.config import ConfigError, DataConfig, GradientConfig, ProjectorConfig
-from g2is_graph.data import collate, load_pool
-from g2is_graph.gradients import PerExampleGradients, adam_feature
-from g2is_graph.model import load_tokenizer, load_with_adapter, model_identity, pick_device
-from g2is_graph.projection import Projector
-from g2is_graph.store import FeatureStore, StoreError, normalize_rows, record_row
+from g2is_graph.config import DataConfig, GradientConfig, ProjectorConfig
+from g2is_graph.data.records import collate, load_pool
+from g2is_graph.errors import ConfigError
+from g2is_graph.grads.gradients import PerExampleGradients, adam_feature
+from g2is_graph.grads.projection import Projector
+from g2is_graph.model.loading import load_tokenizer, load_with_adapter, model_identity, pick_device
+from g2is_graph.store.features import FeatureStore, StoreError, normalize_rows, record_row
 
 from .warmup import Checkpoint
 
@@ -54,9 +55,6 @@ def run_gradients(paths: Sequence[str | Path], model_spec: str | Path, checkpoin
                   progress: bool = True, skip_content: frozenset[str] = frozenset()) -> GradientJobResult:
     """Features of every record of `paths` (except those whose content hash is in `skip_content`,
     already in a graph) for each checkpoint, into out_dir/<checkpoint name>."""
-    config.validate()
-    projector_config.validate()
-    data_config.validate()
     if not checkpoints:
         raise ConfigError("at least one warmup checkpoint is needed (g2is warmup makes them)")
     for checkpoint_path in checkpoints:

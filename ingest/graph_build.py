@@ -34,14 +34,16 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from g2is_graph.config import GraphConfig, hinted, to_jsonable
-from g2is_graph.diagnostics import pool_cosine_stats
+from g2is_graph.config import GraphConfig, to_jsonable
+from g2is_graph.db.graph import Graph, GraphError, validation_basis
+from g2is_graph.errors import hinted
 from g2is_graph.files import atomic_write_json
-from g2is_graph.graph import Graph, GraphError, validation_basis
 from g2is_graph.locks import DatabaseLock, FileLock
-from g2is_graph.knn import HnswIndex, HnswSettings, Neighbors, exact_topk, measure_recall
-from g2is_graph.space import FeatureSpace, check_in_space, combined_features, open_stores, space_of
-from g2is_graph.store import FeatureStore, StoreError
+from g2is_graph.neighbors.knn import HnswIndex, Neighbors, exact_topk, measure_recall
+from g2is_graph.provenance import check_saved, provenance
+from g2is_graph.selection.diagnostics import pool_cosine_stats
+from g2is_graph.store.features import FeatureStore, StoreError
+from g2is_graph.store.space import FeatureSpace, check_in_space, combined_features, open_stores, space_of
 
 STATE_FORMAT = "g2is-graph-state-v2"  # v2: exact float64 edge weights, ties by id
 # settings that shape the edges: a state built with other values cannot be extended
@@ -97,7 +99,8 @@ class GraphState:
         shaping = {name: getattr(config, name) for name in SHAPING}
         if not path.exists():
             directory.mkdir(parents=True, exist_ok=True)
-            return cls(directory, {"format": STATE_FORMAT, "graph_id": uuid.uuid4().hex, "space": space.describe(),
+            return cls(directory, {"format": STATE_FORMAT, "graph_id": uuid.uuid4().hex, "provenance": provenance(),
+                                   "space": space.describe(),
                                    "settings": shaping, "segments": [], "ids": [], "content_hashes": [], "build": 0,
                                    "pending": {"nodes": [], "edges": []}})
         try:
@@ -112,12 +115,7 @@ class GraphState:
         if data["space"]["id"] != space.id:
             raise StoreError(f"{path}: this graph was built in feature space {data['space']['id']}, the stores are in "
                              f"{space.id} (another model, checkpoint or projector); use another --state directory")
-        saved = data["settings"]
-        changed = [k for k, v in shaping.items() if saved.get(k) != v]
-        if changed:
-            was = ", ".join(f"{k}={saved.get(k)}" for k in changed)
-            raise StoreError(f"{path}: built with different {', '.join(changed)} ({was}); "
-                             "use the same settings or another --state directory")
+        check_saved(data["settings"], shaping, list(shaping), path, "graph build", StoreError)
         state = cls(directory, data)
         if "graph_id" not in data:  # a state from before graphs had ids: give it one for good
             data["graph_id"] = uuid.uuid4().hex
@@ -147,15 +145,14 @@ class GraphState:
     def load_index(self, vectors: np.ndarray, config: GraphConfig, capacity: int, echo) -> HnswIndex:
         """The index of the current build over `vectors` (every node so far); rebuilt from them when its
         file is missing or holds another number of items than the state lists."""
-        settings = _hnsw(config)
         for path in (self.index_path(self.data["build"]), self.dir / "index.bin"):  # index.bin: older g2is
             if path.exists():
-                index = HnswIndex.load(path, vectors.shape[1], settings, capacity)
+                index = HnswIndex.load(path, vectors.shape[1], config, capacity)
                 if index.count == len(vectors):
                     return index
         echo(f"rebuilding the hnswlib index of {self.dir} from its {len(vectors)} vectors (its index file is "
              "missing or out of step with state.json)")
-        return HnswIndex.build(vectors, settings, capacity)
+        return HnswIndex.build(vectors, config, capacity)
 
     def vectors(self) -> np.ndarray:
         """Every node's vector in node order, from the segments' stores (checksums verified); read once per
@@ -189,11 +186,6 @@ def id_keys(ids: Sequence[str]) -> np.ndarray:
     return keys
 
 
-def _hnsw(config: GraphConfig) -> HnswSettings:
-    return HnswSettings(M=config.m, ef_construction=config.ef_construction, ef=config.ef,
-                        ef_negative=config.ef_negative, negative_candidates=config.negative_candidates,
-                        similar_candidates=config.similar_candidates, index_dim=config.index_dim,
-                        threads=config.threads, seed=config.seed)
 
 
 def compute_neighbors(old: Neighbors | None, vectors: np.ndarray, n_old: int, config: GraphConfig,
@@ -207,7 +199,7 @@ def compute_neighbors(old: Neighbors | None, vectors: np.ndarray, n_old: int, co
         if config.exact:
             lists = exact_topk(vectors, vectors, k, exclude=np.arange(n), device=config.device, keys=keys)
         else:
-            index = HnswIndex.build(vectors, _hnsw(config))
+            index = HnswIndex.build(vectors, config)
             lists = index.query(vectors, vectors, np.arange(n), k, keys)
         return lists, index, np.arange(n)
     newcomers = vectors[n_old:]
@@ -218,7 +210,7 @@ def compute_neighbors(old: Neighbors | None, vectors: np.ndarray, n_old: int, co
     else:
         index.add(newcomers, n_old)
         fresh = index.query(newcomers, vectors, new_rows, k, keys)
-        scratch = HnswIndex.build(newcomers, _hnsw(config))
+        scratch = HnswIndex.build(newcomers, config)
         among_new = scratch.query(vectors[:n_old], newcomers, None, k, keys[n_old:])
     sim_i, sim_w = _merge_lists(old.similar_index, old.similar_weight, among_new.similar_index + n_old,
                                 among_new.similar_weight, k, True, keys)
@@ -290,7 +282,6 @@ def build_graph(graph: Graph, train_stores: Sequence[str | Path], config: GraphC
                 state_dir: str | Path | None = None, validation_stores: Sequence[str | Path] = (),
                 echo=print, progress: bool = True) -> BuildResult:
     """Add the stores' examples to the graph (first build or incremental) and write what the database lacks."""
-    config.validate()
     stores = open_stores(train_stores)
     space = space_of(stores)
     state_dir = Path(state_dir) if state_dir else stores[0].path.parent / "graph"

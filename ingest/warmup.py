@@ -17,12 +17,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from g2is_graph.config import DataConfig, WarmupConfig, hinted, to_jsonable
-from g2is_graph.data import load_pool
-from g2is_graph.gradients import AdamState
-from g2is_graph.model import load_tokenizer, model_identity, pick_device
-from g2is_graph.store import StoreError
-from g2is_graph.training import ADAM_FILE, STATE_FILE, train_lora, write_or_check_manifest
+from g2is_graph.config import DataConfig, WarmupConfig, to_jsonable
+from g2is_graph.data.records import load_pool
+from g2is_graph.errors import hinted
+from g2is_graph.grads.gradients import AdamState
+from g2is_graph.model.loading import load_tokenizer, model_identity, pick_device
+from g2is_graph.provenance import write_or_check
+from g2is_graph.store.features import StoreError
+from g2is_graph.store.space import lr_weights
+from g2is_graph.train.loop import ADAM_FILE, STATE_FILE, train_lora
 
 CHECKPOINT_HINT = "pass a checkpoint-epochN folder that `g2is warmup` wrote (it holds trainer_state.json)"
 
@@ -67,7 +70,7 @@ class Checkpoint:
         return AdamState(exp_avg, exp_avg_sq, state["step"], state["beta1"], state["beta2"], state["eps"])
 
     def identity(self) -> dict:
-        from g2is_graph.model import weights_sha256
+        from g2is_graph.model.loading import weights_sha256
 
         return {"name": self.name, "epoch": self.epoch, "step": self.step,
                 "mean_lr": float(np.mean(self.epoch_lrs)) if self.epoch_lrs else 0.0,
@@ -75,12 +78,8 @@ class Checkpoint:
 
 
 def checkpoint_weights(checkpoints: Sequence[Checkpoint]) -> list[float]:
-    """LESS checkpoint weights: each epoch's mean learning rate, renormalised to sum to 1."""
-    means = [float(np.mean(c.epoch_lrs)) if c.epoch_lrs else 0.0 for c in checkpoints]
-    total = sum(means)
-    if total <= 0:
-        raise ValueError("checkpoint learning rates are all zero; cannot weight checkpoints")
-    return [m / total for m in means]
+    """LESS checkpoint weights of warmup checkpoints (`store.space.lr_weights` of their mean epoch rates)."""
+    return list(lr_weights([float(np.mean(c.epoch_lrs)) if c.epoch_lrs else 0.0 for c in checkpoints]))
 
 
 def sample_warmup_indices(n: int, config: WarmupConfig) -> list[int]:
@@ -93,8 +92,6 @@ def sample_warmup_indices(n: int, config: WarmupConfig) -> list[int]:
 
 def run_warmup(pool: Sequence[str | Path], model_spec: str | Path, out_dir: str | Path, config: WarmupConfig,
                data_config: DataConfig, echo=print, progress: bool = True) -> list[Checkpoint]:
-    config.validate()
-    data_config.validate()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = pick_device(config.device)
@@ -105,7 +102,7 @@ def run_warmup(pool: Sequence[str | Path], model_spec: str | Path, out_dir: str 
                 "model": model_identity(model_spec).as_dict(), "warmup_ids": [records[i].id for i in chosen],
                 "device": device}
     manifest_path = out_dir / "warmup.json"
-    write_or_check_manifest(manifest_path, manifest, ("config", "data", "model", "warmup_ids"), "warmup")
+    write_or_check(manifest_path, manifest, ("config", "data", "model", "warmup_ids"), "warmup")
 
     paths = train_lora(encoded, chosen, tokenizer.pad_token_id, model_spec, out_dir, config, "warmup", echo, progress)
     return [Checkpoint.load(p) for p in paths]

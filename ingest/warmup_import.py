@@ -27,9 +27,10 @@ from typing import Any
 
 import torch
 
-from g2is_graph.finetune import ADAPTER_FILES
-from g2is_graph.model import ModelError, load_with_adapter, model_identity
-from g2is_graph.training import ADAM_FILE, STATE_FILE
+from g2is_graph.errors import WarmupImportError
+from g2is_graph.model.loading import ModelError, load_with_adapter, model_identity
+from g2is_graph.train.finetune import ADAPTER_FILES
+from g2is_graph.train.loop import ADAM_FILE, STATE_FILE
 
 from .warmup import Checkpoint
 
@@ -37,10 +38,6 @@ TRAINER_FILES = ADAPTER_FILES + ("optimizer.pt", "trainer_state.json")
 NO_DECAY_PATTERNS = [re.compile(p) for p in (r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)",
                                              r"_norm(?:$|\.)")]
 IMPORT_MANIFEST = "import.json"
-
-
-class WarmupImportError(ValueError):
-    """A trainer checkpoint that cannot become a g2is checkpoint; the message says which file and why."""
 
 
 @dataclass(frozen=True)

@@ -11,8 +11,22 @@ from pathlib import Path
 import pytest
 
 from g2is_graph.config import ServerConfig
-from g2is_graph.graph import Graph
-from g2is_graph.neo4j_local import LocalServer, _free_port
+from g2is_graph.db.graph import Graph
+from g2is_graph.db.server import LocalServer, _free_port
+
+NEO4J_FIXTURES = {"neo4j_server", "neo4j_uri", "graph"}
+
+
+def pytest_collection_modifyitems(items) -> None:
+    """Mark what each test needs: `neo4j` for every test on the session's server (or one it starts itself,
+    through LocalServer), `gpu` for the cases parametrised on a CUDA device."""
+    for item in items:
+        names = set(getattr(item, "fixturenames", ()))
+        source = getattr(item.module, "__file__", "") or ""
+        if names & NEO4J_FIXTURES or "LocalServer(" in Path(source).read_text():
+            item.add_marker(pytest.mark.neo4j)
+        if "cuda" in item.name:
+            item.add_marker(pytest.mark.gpu)
 
 
 @pytest.fixture(scope="session")
@@ -49,7 +63,7 @@ def isolated_home(tmp_path, monkeypatch) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     """A random tiny Llama with a byte-level tokenizer, saved as an HF folder (no downloads)."""
-    from g2is_graph.model import build_tiny_model
+    from g2is_graph.model.loading import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny-model"))
 
@@ -121,9 +135,9 @@ def build_selection_graph(graph: Graph, root: Path, n: int = 40, dim: int = 24, 
     import numpy as np
 
     from g2is_graph.config import GraphConfig
-    from g2is_graph.data import read_jsonl
-    from g2is_graph.store import record_row
-    from g2is_graph.synthetic import clustered_vectors, synthetic_rows, synthetic_store
+    from g2is_graph.data.records import read_jsonl
+    from g2is_graph.data.synthetic import clustered_vectors, synthetic_rows, synthetic_store
+    from g2is_graph.store.features import record_row
     from ingest.graph_build import build_graph
 
     pool = write_schema_pool(root / "pool.jsonl", n)

@@ -103,3 +103,101 @@ def test_full_and_unwritable_disks(pool_file, tmp_path, monkeypatch):
 def test_verbose_adds_the_traceback(isolated_home, tmp_path):
     result = CliRunner().invoke(main, ["--verbose", "--config", str(tmp_path), "neo4j", "status"])
     assert result.exit_code == 2 and "Traceback" in result.output and "error: " in result.output
+
+
+def every_command(group=main, path=()):
+    import click
+
+    for name, command in group.commands.items():
+        if isinstance(command, click.Group):
+            yield from every_command(command, path + (name,))
+        else:
+            yield path + (name,)
+
+
+def bad_invocations(tmp_path, neo4j_uri) -> dict[tuple[str, ...], tuple[list[str], int, dict | None]]:
+    """For each command, arguments it accepts syntactically that a user error makes it refuse."""
+    (tmp_path / "empty").mkdir(exist_ok=True)
+    records = tmp_path / "records.jsonl"
+    records.write_text('{"prompt": "p", "completion": "c"}\n')
+    bad_port = tmp_path / "bad-port.toml"
+    bad_port.write_text("[server]\nport = 0\n")
+    bad_demo = tmp_path / "bad-demo.toml"
+    bad_demo.write_text("[demo]\nratio = 'half'\n")
+    db = {"NEO4J_URI": neo4j_uri}
+    empty = str(tmp_path / "empty")
+    return {
+        ("neo4j", "start"): (["--config", str(bad_port), "neo4j", "start"], 2, None),
+        ("neo4j", "stop"): (["--config", str(bad_port), "neo4j", "stop"], 2, None),
+        ("neo4j", "status"): (["--config", str(bad_port), "neo4j", "status"], 2, None),
+        ("db", "init"): (["db", "init"], 3, {"NEO4J_URI": "bolt://127.0.0.1:1"}),
+        ("db", "info"): (["db", "info"], 3, {"NEO4J_URI": "bolt://127.0.0.1:1"}),
+        ("db", "reset"): (["db", "reset", "--yes"], 3, {"NEO4J_URI": "bolt://127.0.0.1:1"}),
+        ("demo",): (["--config", str(bad_demo), "demo"], 2, None),
+        ("data", "build"): (["data", "build", "gsm8k", "--out", str(tmp_path / "g.jsonl")], 2, None),
+        ("data", "mix"): (["data", "mix", f"{records}:many", "--out", str(tmp_path / "m.jsonl")], 2, None),
+        ("warmup", "run"): (["warmup", str(records), "--model", empty, "--out", str(tmp_path / "w"), "--epochs", "0"],
+                            2, None),
+        ("warmup", "import"): (["warmup", "import", empty, "--model", empty, "--out", str(tmp_path / "wi")], 2, None),
+        ("gradients",): (["gradients", str(records), "--model", empty, "--checkpoint", empty, "--out",
+                          str(tmp_path / "f"), "--dim", "0"], 2, None),
+        ("graph", "build"): (["graph", "build", empty, "--k", "0"], 2, None),
+        ("ingest",): (["ingest", str(records), "--model", empty, "--checkpoint", empty, "--features",
+                       str(tmp_path / "f2")], 2, None),
+        ("select",): (["select", "--ratio", "2"], 2, None),
+        ("explain",): (["explain", "--run", "no-such-run", "--sample", "s0"], 2, db),
+        ("runs", "compare"): (["runs", "compare", "no-such-run"], 2, db),
+        ("export",): (["export", "no-such-run", "--format", "jsonl", "--out", str(tmp_path / "e")], 2, db),
+        ("report",): (["report", "no-such-run", "--out", str(tmp_path / "r.html")], 2, db),
+        ("finetune",): (["finetune", str(records), "--model", empty, "--out", str(tmp_path / "ft"), "--epochs", "0"],
+                        2, None),
+        ("evaluate",): (["evaluate", str(records), "--model", empty, "--out", str(tmp_path / "ev"), "--adapter",
+                         "nameonly"], 2, None),
+        ("import-less",): (["import-less", str(records), str(records), "--normalized", "--out", str(tmp_path / "l")],
+                           2, None),
+    }
+
+
+def test_every_command_refuses_a_user_error_in_two_lines_without_a_traceback(isolated_home, tmp_path, neo4j_uri,
+                                                                            graph):
+    """Issue 16: each command, given an argument a user could get wrong, says error and hint, nothing else."""
+    cases = bad_invocations(tmp_path, neo4j_uri)
+    assert set(cases) == set(every_command()), "a new command needs its bad-argument case here"
+    for command, (args, code, env) in cases.items():
+        error, hint = refused(args, code, env)
+        assert len(error) > len("error: ") and len(hint) > len("hint: "), command
+
+
+def test_config_backed_options_take_their_choices_and_defaults_from_config():
+    """Options for config fields are generated from the fields (config.py is the one home of choices and
+    defaults): every choice list equals its Literal field's, and every stated default is the field's."""
+    import dataclasses
+    import re
+
+    import click
+
+    from g2is_graph import config as cfg
+
+    classes = [c for c in vars(cfg).values() if isinstance(c, type) and dataclasses.is_dataclass(c)]
+    literal = {}
+    for cls in classes:
+        for f in dataclasses.fields(cls):
+            if cfg.choices_of(cls, f.name):
+                literal.setdefault(f.name, set()).add(tuple(cfg.choices_of(cls, f.name)))
+    aliases = {"projector_kind": "kind"}
+
+    def commands(group=main):
+        for command in group.commands.values():
+            yield from commands(command) if isinstance(command, click.Group) else [command]
+
+    checked = 0
+    for command in commands():
+        for param in command.params:
+            if isinstance(param.type, click.Choice) and aliases.get(param.name, param.name) in literal:
+                assert tuple(param.type.choices) in literal[aliases.get(param.name, param.name)], param.name
+                checked += 1
+            stated = re.search(r"\(default: ([^)]*)\)$", getattr(param, "help", None) or "")
+            if stated and param.name in {f.name for c in classes for f in dataclasses.fields(c)}:
+                defaults = {str(f.default) for c in classes for f in dataclasses.fields(c) if f.name == param.name}
+                assert stated.group(1) in defaults | {"none", "True", "False"}, (param.name, stated.group(1))
+    assert checked >= 10

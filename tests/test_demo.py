@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from g2is_graph.demo import DemoConfig, run_demo
+from g2is_graph.config import DemoConfig
+from g2is_graph.demo import run_demo
 
 
 @pytest.mark.slow

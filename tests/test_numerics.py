@@ -7,8 +7,15 @@ import math
 
 import numpy as np
 
-from g2is_graph.numerics import (exact_descending, exact_dot_error, exact_dots, exact_matvec, float32_dot_error,
-                                 top_exact, unit_filter_error)
+from g2is_graph.numerics import (
+    exact_descending,
+    exact_dot_error,
+    exact_dots,
+    exact_matvec,
+    float32_dot_error,
+    top_exact,
+    unit_filter_error,
+)
 
 
 def unit_rows(n, d, seed=0):

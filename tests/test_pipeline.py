@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from conftest import write_pool
 
 from g2is_graph.cli import main
-from g2is_graph.data import read_jsonl
-from conftest import write_pool
+from g2is_graph.data.records import read_jsonl
 
 FAST = ["--max-length", "64"]
 

@@ -10,13 +10,14 @@ import time
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from g2is_graph.config import GraphConfig, ServerConfig
-from g2is_graph.data import RecordError, read_jsonl
-from g2is_graph.graph import Graph, GraphUnavailable
-from g2is_graph.neo4j_local import LocalServer, _free_port
-from g2is_graph.synthetic import clustered_vectors, synthetic_rows, synthetic_store
+from g2is_graph.data.records import RecordError, read_jsonl
+from g2is_graph.data.synthetic import clustered_vectors, synthetic_rows, synthetic_store
+from g2is_graph.db.graph import Graph, GraphUnavailable
+from g2is_graph.db.server import LocalServer, _free_port
 from ingest.graph_build import build_graph
 
 INJECTIONS = [
@@ -154,7 +155,7 @@ def test_malformed_jsonl_ends_in_a_clear_error_or_a_reported_skip(tmp_path, line
 def test_non_finite_and_wrong_dimension_features_are_refused(tmp_path, pool_file):
     import torch
 
-    from g2is_graph.store import StoreError, import_less
+    from g2is_graph.store.features import StoreError, import_less
 
     records = read_jsonl(pool_file).records
     matrix = torch.randn(len(records), 8)
@@ -168,7 +169,7 @@ def test_non_finite_and_wrong_dimension_features_are_refused(tmp_path, pool_file
         import_less(tmp_path / "rows.pt", [pool_file], tmp_path / "out2", normalized=False, meta={})
     a = synthetic_store(tmp_path / "a" / "c1", np.ones((4, 8), np.float32), synthetic_rows(4), checkpoint="c1")
     b = synthetic_store(tmp_path / "a" / "c2", np.ones((4, 16), np.float32), synthetic_rows(4), checkpoint="c2")
-    from g2is_graph.space import open_stores
+    from g2is_graph.store.space import open_stores
 
     with pytest.raises(StoreError, match="projector"):
         open_stores([a.path, b.path])
@@ -250,7 +251,7 @@ def test_transient_errors_are_retried_and_written_once(graph, monkeypatch):
 
 def test_secure_uris_pass_through_to_the_driver_unchanged(monkeypatch):
     from g2is_graph.config import ConnectionConfig
-    from g2is_graph.graph import resolve_connection
+    from g2is_graph.db.graph import resolve_connection
 
     for uri in ("neo4j+s://graph.example.invalid:7687", "bolt+s://graph.example.invalid:7687"):
         monkeypatch.setenv("NEO4J_URI", uri)
@@ -263,8 +264,8 @@ def test_secure_uris_pass_through_to_the_driver_unchanged(monkeypatch):
 
 
 def test_an_interrupted_selection_run_is_never_left_complete(graph, tmp_path, monkeypatch):
-    from g2is_graph import selection
     from g2is_graph.config import SelectionConfig
+    from g2is_graph.selection import runs as selection
 
     n = 40
     vectors = clustered_vectors(n, 16, clusters=3, seed=5)

@@ -1,0 +1,1 @@
+"""Evaluation of adapters on held-out test items (answer loss, choice accuracy)."""

@@ -1,0 +1,1 @@
+"""Per-example LoRA gradients, Adam-adjusted features and the random projection."""

@@ -1,0 +1,1 @@
+"""Models: Hugging Face folders and GGUF files, LoRA wrapping, tiny test models."""

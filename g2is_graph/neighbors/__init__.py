@@ -1,0 +1,1 @@
+"""Top-k SIMILAR and CONFLICT neighbour lists: exact search and hnswlib."""

@@ -1,0 +1,1 @@
+"""What a run gives its users: datasets for their trainers, score files, and the HTML report."""

@@ -1,0 +1,1 @@
+"""Selection: core knowledge (PCA), the gradient walk, baselines, runs, diagnostics and explanations."""

@@ -1,0 +1,1 @@
+"""The feature store on disk and the feature space a graph lives in."""

@@ -1,0 +1,1 @@
+"""LoRA training loops: the warmup's and fine-tuning on a selection."""
