@@ -288,10 +288,10 @@ def export_run(graph: Graph, run_id: str, fmt: str, out_dir: str | Path, data: D
         raise ConfigError(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}")
     run = run_record(graph, run_id)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     name = name or f"g2is_{run_id}".replace("-", "_")
     source_root = Path(source_root or ".").resolve()
     records, lines, picks = selected_records(graph, run_id, data, source_root)
+    out_dir.mkdir(parents=True, exist_ok=True)
     files: dict[str, str] = {}
     notes: list[str] = []
     if data.template == "tulu":
