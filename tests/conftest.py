@@ -6,6 +6,9 @@ may), and the database is emptied before each test that asks for `graph`.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -34,8 +37,40 @@ def neo4j_server(tmp_path_factory) -> LocalServer:
     state = tmp_path_factory.mktemp("neo4j-state")
     server = LocalServer(ServerConfig(state_dir=state, port=_free_port(), auth=False, heap="768m", pagecache="256m"))
     server.start(echo=lambda m: None)
+    watchdog = stop_with_this_process(server.status().pid)
     yield server
     server.stop()
+    watchdog.kill()
+
+
+WATCHDOG = """
+import os, signal, sys, time
+parent, server = int(sys.argv[1]), int(sys.argv[2])
+def alive(pid):
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+while alive(parent):
+    time.sleep(1)
+if alive(server):
+    os.kill(server, signal.SIGTERM)
+    for _ in range(30):
+        time.sleep(1)
+        if not alive(server):
+            break
+    else:
+        os.kill(server, signal.SIGKILL)
+"""
+
+
+def stop_with_this_process(server_pid: int) -> subprocess.Popen:
+    """The suite's server is launched detached (as `g2is neo4j start` must be); a suite that is killed runs no
+    teardown, so a watchdog stops the server when this process is gone instead of leaving a JVM behind."""
+    return subprocess.Popen([sys.executable, "-c", WATCHDOG, str(os.getpid()), str(server_pid)],
+                            start_new_session=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
 
 
 @pytest.fixture(scope="session")
