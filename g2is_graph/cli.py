@@ -136,7 +136,7 @@ def main(ctx: click.Context, config_file: Path | None, verbose: bool, quiet: boo
     Connection: NEO4J_URI/NEO4J_USER/NEO4J_PASSWORD/NEO4J_DATABASE, or [neo4j] in g2is.toml;
     with no URI the project-managed local server is used (and started when needed).
     """
-    from .distributed import ranks_from_env
+    from g2is_graph.distributed import ranks_from_env
 
     if not ranks_from_env().is_main:  # under torchrun/accelerate rank 0 speaks for the job; the others print errors only
         quiet = True
@@ -499,6 +499,7 @@ def graph_build(obj: Context, stores, state_dir, validation_stores, **flags) -> 
 def ingest(obj: Context, records, model_spec, checkpoints, features, projector_kind, dim, projector_seed, state_dir,
            validation_stores, max_length, template, prompt_completion, skip_bad, **flags) -> None:
     """Add new RECORDS to an existing graph: featurise only unseen content, then extend the graph."""
+    from g2is_graph.distributed import ranks_from_env
     from ingest.gradients import run_gradients
     from ingest.graph_build import build_graph, check_state_against_database, graph_content_hashes, graph_projector
 
@@ -508,12 +509,19 @@ def ingest(obj: Context, records, model_spec, checkpoints, features, projector_k
     projector = obj.build(cfg.ProjectorConfig, "projector", kind=projector_kind, dim=dim, seed=projector_seed)
     if projector_kind is None and dim is None and projector_seed is None and not obj.section("projector"):
         projector = graph_projector(state_dir) or projector  # the graph's own, even if the default has changed since
+    gradient_config = obj.build(cfg.GradientConfig, "gradients")
+    data_config = _data_config(obj, max_length, template, skip_bad, prompt_completion)
+
+    def featurise():
+        return run_gradients(records, model_spec, checkpoints, features, gradient_config, projector, data_config,
+                             echo=obj.echo, progress=not obj.quiet, skip_content=graph_content_hashes(state_dir))
+
+    if not ranks_from_env().is_main:  # under a launcher the ranks share the featurisation; rank 0 builds the graph
+        featurise()
+        return
     with obj.graph() as graph:
         check_state_against_database(graph, state_dir)  # before hours of featurising for the wrong graph
-        job = run_gradients(records, model_spec, checkpoints, features, obj.build(cfg.GradientConfig, "gradients"),
-                            projector, _data_config(obj, max_length, template, skip_bad, prompt_completion), echo=obj.echo,
-                            progress=not obj.quiet, skip_content=graph_content_hashes(state_dir))
-        result = build_graph(graph, job.stores, config, state_dir, validation_stores, echo=obj.echo,
+        result = build_graph(graph, featurise().stores, config, state_dir, validation_stores, echo=obj.echo,
                              progress=not obj.quiet)
     click.echo(result.summary())
 
