@@ -466,9 +466,9 @@ class GradientConfig(Settings):
     store_dtype: Literal["float32", "float16"] = opt("float32", "dtype of the stored features")
     dtype: Dtype = opt("float32", "model dtype; accumulation is always float32")
     autocast: Literal["auto", "float32", "bfloat16"] = opt(
-        "auto", "matrix products of the model: auto is bfloat16 where the hardware has bfloat16 matrix units (CUDA "
-                "with bf16, CPUs with AMX or AVX512-BF16), float32 elsewhere; gradients are formed, projected and "
-                "stored in float32 either way")
+        "auto", "matrix products of the model: auto is bfloat16 on GPUs with bfloat16 and float32 on CPUs (bfloat16 "
+                "measured slower there, even with AMX); gradients are formed, projected and stored in float32 "
+                "either way")
     device: str = opt("auto", "auto, cpu, cuda or cuda:N")
 
     def check(self) -> None:

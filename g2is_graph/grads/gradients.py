@@ -220,8 +220,9 @@ def cpu_bf16_units() -> list[str]:
 
 
 def resolve_autocast(setting: str, device: str) -> tuple[str, str]:
-    """(float32 | bfloat16, why) for GradientConfig.autocast on `device`; `auto` takes bfloat16 only where the
-    hardware multiplies bfloat16 matrices natively, since elsewhere it is emulated and slower than float32."""
+    """(float32 | bfloat16, why) for GradientConfig.autocast on `device`; `auto` takes bfloat16 on GPUs with
+    bfloat16 only. On CPUs it stays float32 even where AMX-BF16/AVX512-BF16 exist: on the CI machine's Xeon,
+    which has both, bfloat16 autocast measured slower than float32 (docs/benchmarks.md, issue 17)."""
     if setting != "auto":
         return setting, "as configured"
     if device.startswith("cuda"):
@@ -230,8 +231,9 @@ def resolve_autocast(setting: str, device: str) -> tuple[str, str]:
         return "float32", "auto: this GPU has no bfloat16"
     units = cpu_bf16_units()
     if units:
-        return "bfloat16", f"auto: the CPU has {'/'.join(units)}"
-    return "float32", "auto: the CPU has neither AMX-BF16 nor AVX512-BF16"
+        return "float32", (f"auto: float32 on CPUs; this one has {'/'.join(units)}, but bfloat16 autocast measured "
+                           "slower than float32 on such a CPU (--autocast bfloat16 to try it)")
+    return "float32", "auto: float32 on CPUs"
 
 
 class GradientFeaturizer:
