@@ -36,7 +36,7 @@ from g2is_graph.store.features import FeatureStore  # noqa: E402
 from ingest.warmup import Checkpoint  # noqa: E402
 
 LESS_QUOTED = "| LESS's own code on this class of machine (bs 1, TRAK CPU projector, bf16; quoted from the issue) " \
-              "| 0.151 | 10.6-14.6 GiB | 0.981 / 0.985 |"
+              "| 0.151 | 1.0x | 10.6-14.6 GiB | 0.981 / 0.985 |"
 # name -> extra `g2is gradients` flags
 RUNS = {"default": [], "sparse-float32": ["--projector", "sparse", "--autocast", "float32"],
         "sparse-bfloat16": ["--projector", "sparse", "--autocast", "bfloat16"]}
