@@ -12,6 +12,7 @@ import dataclasses
 import errno
 import json
 import logging
+import os
 import sys
 import types
 import typing
@@ -135,6 +136,11 @@ def main(ctx: click.Context, config_file: Path | None, verbose: bool, quiet: boo
     Connection: NEO4J_URI/NEO4J_USER/NEO4J_PASSWORD/NEO4J_DATABASE, or [neo4j] in g2is.toml;
     with no URI the project-managed local server is used (and started when needed).
     """
+    from g2is_graph.distributed import ranks_from_env
+
+    if not ranks_from_env().is_main:  # under torchrun/accelerate rank 0 speaks for the job; the others print errors only
+        quiet = True
+        sys.stdout = open(os.devnull, "w")
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("neo4j").setLevel(logging.WARNING)
@@ -427,14 +433,17 @@ projector_options = [
               help="Feature directory: one store per checkpoint inside it.")
 @with_options(config_options(cfg.GradientConfig, "kind", "adam_form"))
 @with_options(projector_options)
-@with_options(config_options(cfg.GradientConfig, "batch_size", "projection_batch", "chunk_rows", "store_dtype",
-                             "dtype", "device"))
-@click.option("--shard", default=None, help="i/n: compute only this shard's chunks (merge is automatic).")
+@with_options(config_options(cfg.GradientConfig, "batch_size", "chunk_rows", "store_dtype", "dtype", "autocast",
+                             "device"))
+@click.option("--shard", default=None, help="i/n: compute only this shard's chunks (merge is automatic); under "
+                                            "torchrun or accelerate launch each rank is a shard.")
 @with_options(data_options)
 @click.pass_obj
 def gradients(obj: Context, records, model_spec, checkpoints, out, projector_kind, dim, projector_seed, shard,
               max_length, template, prompt_completion, skip_bad, **flags) -> None:
-    """Per-example projected LoRA gradient features of RECORDS, one store per checkpoint."""
+    """Per-example projected LoRA gradient features of RECORDS, one store per checkpoint.
+
+    `torchrun --nproc-per-node N -m g2is_graph.cli gradients ...` (or accelerate launch) runs one shard per rank."""
     from g2is_graph.pipeline import data_for
     from ingest.gradients import parse_shard, run_gradients
 
@@ -490,20 +499,29 @@ def graph_build(obj: Context, stores, state_dir, validation_stores, **flags) -> 
 def ingest(obj: Context, records, model_spec, checkpoints, features, projector_kind, dim, projector_seed, state_dir,
            validation_stores, max_length, template, prompt_completion, skip_bad, **flags) -> None:
     """Add new RECORDS to an existing graph: featurise only unseen content, then extend the graph."""
+    from g2is_graph.distributed import ranks_from_env
     from ingest.gradients import run_gradients
-    from ingest.graph_build import build_graph, check_state_against_database, graph_content_hashes
+    from ingest.graph_build import build_graph, check_state_against_database, graph_content_hashes, graph_projector
 
     if state_dir is None:
         raise cfg.ConfigError("--state is required: the graph state directory the records are added to")
     config = obj.build(cfg.GraphConfig, "graph", **flags)
+    projector = obj.build(cfg.ProjectorConfig, "projector", kind=projector_kind, dim=dim, seed=projector_seed)
+    if projector_kind is None and dim is None and projector_seed is None and not obj.section("projector"):
+        projector = graph_projector(state_dir) or projector  # the graph's own, even if the default has changed since
+    gradient_config = obj.build(cfg.GradientConfig, "gradients")
+    data_config = _data_config(obj, max_length, template, skip_bad, prompt_completion)
+
+    def featurise():
+        return run_gradients(records, model_spec, checkpoints, features, gradient_config, projector, data_config,
+                             echo=obj.echo, progress=not obj.quiet, skip_content=graph_content_hashes(state_dir))
+
+    if not ranks_from_env().is_main:  # under a launcher the ranks share the featurisation; rank 0 builds the graph
+        featurise()
+        return
     with obj.graph() as graph:
         check_state_against_database(graph, state_dir)  # before hours of featurising for the wrong graph
-        job = run_gradients(records, model_spec, checkpoints, features, obj.build(cfg.GradientConfig, "gradients"),
-                            obj.build(cfg.ProjectorConfig, "projector", kind=projector_kind, dim=dim,
-                                      seed=projector_seed),
-                            _data_config(obj, max_length, template, skip_bad, prompt_completion), echo=obj.echo,
-                            progress=not obj.quiet, skip_content=graph_content_hashes(state_dir))
-        result = build_graph(graph, job.stores, config, state_dir, validation_stores, echo=obj.echo,
+        result = build_graph(graph, featurise().stores, config, state_dir, validation_stores, echo=obj.echo,
                              progress=not obj.quiet)
     click.echo(result.summary())
 
@@ -671,3 +689,7 @@ def import_less_cmd(matrix, jsonl, out, normalized, model_name) -> None:
 
     store = import_less(matrix, jsonl, out, normalized, {"model": {"path": model_name}})
     click.echo(f"{store.path}: {store.plan.n_rows} rows x {store.dim}")
+
+
+if __name__ == "__main__":  # `python -m g2is_graph.cli`, the form torchrun and accelerate launch start
+    main()

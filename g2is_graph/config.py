@@ -22,6 +22,8 @@ from g2is_graph.errors import ConfigError
 NEO4J_VERSION = "5.26.30"  # newest 5.26 LTS patch on Maven Central when verified; last line on Java 17
 NEO4J_BROWSER_VERSION = "5.24.0"  # org.neo4j.client:neo4j-browser on Maven Central, served by the 5.26 server
 CONFIG_FILE_ENV = "G2IS_CONFIG"
+RANK_WAIT_HOURS = 24  # torchrun/accelerate jobs: how long a rank waits at a barrier for the others (a resumed
+# job's ranks may have very different amounts of work left)
 DEFAULT_CONFIG_FILE = "g2is.toml"
 
 
@@ -194,11 +196,21 @@ def check_tables(values: dict[str, Any], source: str | Path) -> None:
             raise ConfigError(f"{source}: {exc}") from exc
 
 
+# settings that existed once, with what replaced them (a config file that still names one gets this reason)
+RETIRED_SETTINGS = {
+    ("gradients", "projection_batch"): "gradients are now projected one LoRA weight at a time as they are formed, "
+                                       "so no batch of whole gradients is held (issue 17); remove the setting",
+}
+
+
 def build(cls: type, values: dict[str, Any] | None, section: str) -> Any:
     """Instantiate a config dataclass from a mapping, rejecting unknown keys by name and values of the wrong
     type (a string "false" is not taken for true); the dataclass checks its values when made."""
     values = dict(values or {})
     names = {f.name: f for f in dataclasses.fields(cls)}
+    for key in values:
+        if (section, key) in RETIRED_SETTINGS:
+            raise ConfigError(f"[{section}] {key}: {RETIRED_SETTINGS[section, key]}")
     unknown = sorted(set(values) - set(names))
     if unknown:
         raise ConfigError(f"[{section}] unknown setting(s): {', '.join(unknown)}; known: {', '.join(sorted(names))}")
@@ -425,15 +437,19 @@ class ProjectorConfig(Settings):
     """Random projection whose entries depend only on (seed, input index, output index)."""
 
     SECTION = "projector"
-    kind: Literal["rademacher", "gaussian", "sparse"] = opt("rademacher", "the random matrix's entries")
+    kind: Literal["sparse", "rademacher", "gaussian"] = opt(
+        "sparse", "the random matrix's entries (default measured: docs/benchmarks.md, docs/decisions.md)")
     dim: int = opt(8192, "output dimensions (LESS: 8192)")
     seed: int = opt(0, "the matrix's seed (part of the feature space)")
     sparse_nnz: int = opt(4, "sparse only: non-zeros per input coordinate")
-    block_rows: int = opt(4096, "dense only: rows per generated block (part of the matrix's identity)")
+    block_rows: int = opt(4096, "rows per generated block (part of the matrix's identity)")
+    cache_mb: int = opt(1024, "generated matrix rows kept on the device between batches (speed only, never the result)")
 
     def check(self) -> None:
         if self.dim <= 0 or self.sparse_nnz <= 0 or self.block_rows <= 0:
             raise ConfigError("[projector] dim, sparse_nnz and block_rows must be positive")
+        if self.cache_mb < 0:
+            raise ConfigError("[projector] cache_mb must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -446,15 +462,18 @@ class GradientConfig(Settings):
                                                           "bias-corrected, eps outside")
     batch_size: int = opt(0, "examples per forward/backward; 0: 8 on CUDA, 2 on CPU (bench/featurize.py: larger CPU "
                              "batches were slower than batch size 1 on a 2-core machine)")
-    projection_batch: int = opt(64, "examples whose gradients are projected together (amortises the matrix)")
     chunk_rows: int = opt(256, "rows per store chunk (fixed: resume and sharding rely on it)")
     store_dtype: Literal["float32", "float16"] = opt("float32", "dtype of the stored features")
     dtype: Dtype = opt("float32", "model dtype; accumulation is always float32")
+    autocast: Literal["auto", "float32", "bfloat16"] = opt(
+        "auto", "matrix products of the model: auto is bfloat16 on GPUs with bfloat16 and float32 on CPUs (bfloat16 "
+                "measured slower there, even with AMX); gradients are formed, projected and stored in float32 "
+                "either way")
     device: str = opt("auto", "auto, cpu, cuda or cuda:N")
 
     def check(self) -> None:
-        if self.batch_size < 0 or min(self.projection_batch, self.chunk_rows) <= 0:
-            raise ConfigError("[gradients] batch_size must be >= 0 (0: by device); projection_batch and chunk_rows positive")
+        if self.batch_size < 0 or self.chunk_rows <= 0:
+            raise ConfigError("[gradients] batch_size must be >= 0 (0: by device) and chunk_rows positive")
 
     def batch_for(self, device: str) -> int:
         return self.batch_size or (8 if device.startswith("cuda") else 2)

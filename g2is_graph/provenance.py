@@ -55,12 +55,22 @@ def _shown(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
+def _shown_pair(saved: Any, wanted: Any) -> tuple[str, str]:
+    """Two differing values as shown to the user: of two mappings only the keys that differ, so the setting
+    that resumes the directory is visible even when the whole value is long (a projector's identity)."""
+    if isinstance(saved, dict) and isinstance(wanted, dict):
+        keys = differing(saved, wanted)
+        saved, wanted = ({k: v[k] for k in keys if k in v} for v in (saved, wanted))
+    return _shown(saved), _shown(wanted)
+
+
 def check_saved(saved: dict[str, Any], wanted: dict[str, Any], keys: Sequence[str] | None, where: str | Path,
                 what: str, error: type[Exception] = ConfigError) -> None:
     """Refuse to resume `where` when the settings `keys` (all when None) differ from the saved ones."""
     changed = differing(saved, wanted, keys)
     if changed:
-        detail = "; ".join(f"{k}: saved {_shown(saved.get(k))}, asked {_shown(wanted.get(k))}" for k in changed[:4])
+        shown = {k: _shown_pair(saved.get(k), wanted.get(k)) for k in changed[:4]}
+        detail = "; ".join(f"{k}: saved {was}, asked {now}" for k, (was, now) in shown.items())
         raise error(f"{where}: the earlier {what} there used different {', '.join(changed)} ({detail})",
                     hint="use the same settings to resume, or another output directory for the new ones")
 

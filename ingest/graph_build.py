@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from g2is_graph.config import GraphConfig, to_jsonable
+from g2is_graph.config import GraphConfig, ProjectorConfig, to_jsonable
 from g2is_graph.db.graph import Graph, GraphError, validation_basis
 from g2is_graph.errors import hinted
 from g2is_graph.files import atomic_write_json
@@ -43,7 +43,14 @@ from g2is_graph.neighbors.knn import HnswIndex, Neighbors, exact_topk, measure_r
 from g2is_graph.provenance import check_saved, provenance
 from g2is_graph.selection.diagnostics import pool_cosine_stats
 from g2is_graph.store.features import FeatureStore, StoreError
-from g2is_graph.store.space import FeatureSpace, check_in_space, combined_features, open_stores, space_of
+from g2is_graph.store.space import (
+    FeatureSpace,
+    check_in_space,
+    combined_features,
+    open_stores,
+    projector_config,
+    space_of,
+)
 
 STATE_FORMAT = "g2is-graph-state-v2"  # v2: exact float64 edge weights, ties by id
 # settings that shape the edges: a state built with other values cannot be extended
@@ -260,6 +267,13 @@ def check_graph_space(graph: Graph, space_id: str) -> dict[str, Any] | None:
                                 "from another model, checkpoint or projector cannot share a graph"),
                      "use another database (NEO4J_URI / NEO4J_DATABASE), or `g2is db reset` to empty this one")
     return found[0] if found else None
+
+
+def graph_projector(state_dir: str | Path) -> ProjectorConfig | None:
+    """The projector a graph's features were made with (None for a new graph), so that new records are
+    featurised into the same space whatever the current default projector is."""
+    path = Path(state_dir) / "state.json"
+    return projector_config(json.loads(path.read_text())["space"], path) if path.exists() else None
 
 
 def graph_content_hashes(state_dir: str | Path) -> frozenset[str]:

@@ -4,12 +4,14 @@ Each checkpoint directory holds the peft adapter, `adam_state.safetensors` with 
 by parameter name (plain HF Trainer checkpoints key them by integer index, which is LESS's most reported
 failure), and `trainer_state.json` with the step count and the learning rate of every optimizer step, from
 which checkpoint weights (mean lr per epoch, renormalised) are computed. An interrupted warmup resumes from
-its last complete epoch.
+its last complete epoch. Under torchrun or `accelerate launch` it is data-parallel over the ranks (see
+g2is_graph/training.py) and rank 0 writes the checkpoints.
 """
 
 from __future__ import annotations
 
 import json
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,9 +21,10 @@ import torch
 
 from g2is_graph.config import DataConfig, WarmupConfig, to_jsonable
 from g2is_graph.data.records import load_pool
+from g2is_graph.distributed import Ranks, barrier, process_group, rank_device, ranks_from_env
 from g2is_graph.errors import hinted
 from g2is_graph.grads.gradients import AdamState
-from g2is_graph.model.loading import load_tokenizer, model_identity, pick_device
+from g2is_graph.model.loading import load_tokenizer, model_identity
 from g2is_graph.provenance import write_or_check
 from g2is_graph.store.features import StoreError
 from g2is_graph.store.space import lr_weights
@@ -91,18 +94,28 @@ def sample_warmup_indices(n: int, config: WarmupConfig) -> list[int]:
 
 
 def run_warmup(pool: Sequence[str | Path], model_spec: str | Path, out_dir: str | Path, config: WarmupConfig,
-               data_config: DataConfig, echo=print, progress: bool = True) -> list[Checkpoint]:
+               data_config: DataConfig, echo=print, progress: bool = True, ranks: Ranks | None = None) -> list[Checkpoint]:
+    """`ranks` (default: from the launcher's environment) makes this process one data-parallel rank."""
+    ranks = ranks_from_env() if ranks is None else ranks
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    device = pick_device(config.device)
+    device = rank_device(ranks, config.device)
+    if not ranks.is_main:
+        echo, progress = (lambda message: None), False
     tokenizer = load_tokenizer(model_spec)
-    records, encoded = load_pool(pool, tokenizer, data_config, out_dir, echo)
+    with tempfile.TemporaryDirectory() as elsewhere:  # one skip report per job: rank 0's
+        records, encoded = load_pool(pool, tokenizer, data_config, out_dir if ranks.is_main else Path(elsewhere), echo)
     chosen = sample_warmup_indices(len(records), config)
     manifest = {"config": to_jsonable(config), "data": data_config.identity(), "pool": [str(p) for p in pool],
                 "model": model_identity(model_spec).as_dict(), "warmup_ids": [records[i].id for i in chosen],
-                "device": device}
+                "device": device.split(":")[0] if ranks.distributed else device}
     manifest_path = out_dir / "warmup.json"
-    write_or_check(manifest_path, manifest, ("config", "data", "model", "warmup_ids"), "warmup")
-
-    paths = train_lora(encoded, chosen, tokenizer.pad_token_id, model_spec, out_dir, config, "warmup", echo, progress)
+    with process_group(ranks, device):
+        if ranks.is_main:
+            write_or_check(manifest_path, manifest, ("config", "data", "model", "warmup_ids"), "warmup")
+        barrier(ranks)
+        if not ranks.is_main:  # every rank checks that it resumes the run rank 0 described
+            write_or_check(manifest_path, manifest, ("config", "data", "model", "warmup_ids"), "warmup")
+        paths = train_lora(encoded, chosen, tokenizer.pad_token_id, model_spec, out_dir, config, "warmup", echo,
+                           progress, ranks, device)
     return [Checkpoint.load(p) for p in paths]

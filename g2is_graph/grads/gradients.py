@@ -76,55 +76,85 @@ class ParameterSpec:
 
 
 class PerExampleGradients:
-    """Batched per-example gradients of the LoRA A/B weights of a peft model."""
+    """Batched per-example gradients of the LoRA A/B weights of a peft model, one weight at a time.
+
+    `stream` hands each LoRA weight's [B, n] per-example gradient to a callback during the backward pass,
+    as soon as it is formed, and keeps nothing: memory is the model, one batch's activations and the
+    largest single weight's [B, n], never the [B, D] matrix of all of them (D = 14.7M numbers per example
+    for SmolLM2 at LoRA r=128, 134M for a 7B model)."""
 
     def __init__(self, model):
         self.model = model
         params = lora_parameters(model)
         self.spec = ParameterSpec(tuple(n for n, _ in params), tuple(tuple(p.shape) for _, p in params))
+        self._params = [p for _, p in params]
         self._modules = []
-        for name, _ in params:
+        self.offsets: list[int] = []  # start of each weight in the flattened gradient (spec order)
+        offset = 0
+        for name, p in params:
             if not name.endswith(".weight"):
                 raise GradientError(f"unexpected LoRA parameter {name}: only weights are supported (bias='none')")
             self._modules.append(model.get_submodule(name[: -len(".weight")]))
+            self.offsets.append(offset)
+            offset += p.numel()
         self._inputs: dict[int, torch.Tensor] = {}
-        self._output_grads: dict[int, torch.Tensor] = {}
         self._handles = []
 
-    def _attach(self) -> None:
+    def _attach(self, consume) -> None:
+        # The graph starts at the embeddings' output, not at the LoRA weights: autograd then forms only the
+        # gradients flowing through the layers (which the hooks need), never the batch-summed weight
+        # gradients (a D-sized buffer and the cost of one more matrix product per LoRA weight).
+        embeddings = self.model.get_input_embeddings()
+        self._handles.append(embeddings.register_forward_hook(lambda mod, args, output: output.detach().requires_grad_()))
+        for p in self._params:
+            p.requires_grad_(False)
         for index, module in enumerate(self._modules):
             def forward_hook(mod, args, output, index=index):
                 self._inputs[index] = args[0].detach()
-                output.register_hook(lambda grad, index=index: self._output_grads.__setitem__(index, grad.detach()))
+                output.register_hook(lambda grad, index=index: self._formed(index, grad, consume))
             self._handles.append(module.register_forward_hook(forward_hook))
+
+    def _formed(self, index: int, grad_out: torch.Tensor, consume) -> None:
+        x = self._inputs.pop(index).float()
+        per_example = torch.einsum("bto,bti->boi", grad_out.detach().float(), x)
+        consume(index, self.offsets[index], per_example.reshape(per_example.shape[0], -1))
 
     def _detach(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
         self._inputs.clear()
-        self._output_grads.clear()
+        for p in self._params:
+            p.requires_grad_(True)
 
-    def compute(self, input_ids: torch.Tensor, labels: torch.Tensor, attention: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """([B, D] float32 gradients in spec order, [B] losses). The model must be in eval mode."""
+    def stream(self, input_ids: torch.Tensor, labels: torch.Tensor, attention: torch.Tensor, consume,
+               autocast: str = "float32") -> torch.Tensor:
+        """Call consume(index, start, grads [B, n] float32) once per LoRA weight (spec index, first coordinate
+        in the flattened gradient) during one backward pass; returns the [B] float32 losses.
+
+        autocast "bfloat16" runs the model's matrix products in bfloat16 (torch.autocast); gradients are
+        still formed and handed over in float32. The model must be in eval mode."""
         if self.model.training:
             raise GradientError("call model.eval() first: dropout would make gradients random")
         device = next(self.model.parameters()).device
-        self._attach()
+        self._attach(consume)
         try:
-            losses = loss_token_losses(self.model, input_ids.to(device), labels.to(device), attention.to(device))
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast == "bfloat16"):
+                losses = loss_token_losses(self.model, input_ids.to(device), labels.to(device), attention.to(device))
             losses.sum().backward()
-            blocks = []
-            for index in range(len(self._modules)):
-                x = self._inputs[index].float()
-                grad_out = self._output_grads[index].float()
-                per_example = torch.einsum("bto,bti->boi", grad_out, x)
-                blocks.append(per_example.reshape(per_example.shape[0], -1))
-            return torch.cat(blocks, dim=1), losses.detach().float()
+            if self._inputs:
+                raise GradientError(f"{len(self._inputs)} LoRA weights received no gradient (unused modules?)")
+            return losses.detach().float()
         finally:
             self._detach()
-            for _, p in lora_parameters(self.model):
-                p.grad = None
+
+    def compute(self, input_ids: torch.Tensor, labels: torch.Tensor, attention: torch.Tensor,
+                autocast: str = "float32") -> tuple[torch.Tensor, torch.Tensor]:
+        """([B, D] float32 gradients in spec order, [B] losses): the whole matrix, for tests and small D only."""
+        blocks: dict[int, torch.Tensor] = {}
+        losses = self.stream(input_ids, labels, attention, lambda index, start, grads: blocks.__setitem__(index, grads),
+                             autocast)
+        return torch.cat([blocks[i] for i in range(len(self._modules))], dim=1), losses
 
 
 def reference_gradient(model, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -152,18 +182,94 @@ class AdamState:
     beta2: float
     eps: float
 
+    def slice(self, start: int, stop: int) -> "AdamState":
+        """The moments of coordinates [start, stop): the Adam feature is elementwise, so it can be formed
+        one LoRA weight at a time."""
+        return AdamState(self.exp_avg[start:stop], self.exp_avg_sq[start:stop], self.step, self.beta1,
+                         self.beta2, self.eps)
 
-def adam_feature(grads: torch.Tensor, state: AdamState, form: str = "less") -> torch.Tensor:
+    def to(self, device) -> "AdamState":
+        return AdamState(self.exp_avg.to(device), self.exp_avg_sq.to(device), self.step, self.beta1, self.beta2,
+                         self.eps)
+
+
+def adam_feature(grads: torch.Tensor, state: AdamState, form: str = "less", in_place: bool = False) -> torch.Tensor:
     """The update direction Adam would take for each example's gradient (rows of `grads`).
 
     less:      m' = b1 m + (1-b1) g;  v' = b2 v + (1-b2) g^2;  m' / sqrt(v' + eps)   (LESS, no bias correction)
     corrected: m'/(1-b1^t) / (sqrt(v'/(1-b2^t)) + eps) with t = step + 1
-    """
-    m = state.beta1 * state.exp_avg + (1 - state.beta1) * grads
-    v = state.beta2 * state.exp_avg_sq + (1 - state.beta2) * grads * grads
+    in_place overwrites `grads` with the result and needs one temporary of its size instead of four."""
+    if form not in ("less", "corrected"):
+        raise GradientError(f"adam form must be 'less' or 'corrected', not {form!r}")
+    v = torch.mul(grads, grads).mul_(1 - state.beta2).add_(state.exp_avg_sq, alpha=state.beta2)
+    m = (grads if in_place else grads.clone()).mul_(1 - state.beta1).add_(state.exp_avg, alpha=state.beta1)
     if form == "less":
-        return m / torch.sqrt(v + state.eps)
-    if form == "corrected":
-        t = state.step + 1
-        return (m / (1 - state.beta1 ** t)) / (torch.sqrt(v / (1 - state.beta2 ** t)) + state.eps)
-    raise GradientError(f"adam form must be 'less' or 'corrected', not {form!r}")
+        return m.div_(v.add_(state.eps).sqrt_())
+    t = state.step + 1
+    return m.div_(1 - state.beta1 ** t).div_(v.div_(1 - state.beta2 ** t).sqrt_().add_(state.eps))
+
+
+def cpu_bf16_units() -> list[str]:
+    """This CPU's bfloat16 matrix instructions among AMX-BF16 and AVX512-BF16 (Linux /proc/cpuinfo flags)."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            flags = next((line.split(":", 1)[1].split() for line in fh if line.startswith("flags")), [])
+    except OSError:
+        return []
+    return [f for f in ("amx_bf16", "avx512_bf16") if f in flags]
+
+
+def resolve_autocast(setting: str, device: str) -> tuple[str, str]:
+    """(float32 | bfloat16, why) for GradientConfig.autocast on `device`; `auto` takes bfloat16 on GPUs with
+    bfloat16 only. On CPUs it stays float32 even where AMX-BF16/AVX512-BF16 exist: on the CI machine's Xeon,
+    which has both, bfloat16 autocast measured slower than float32 (docs/benchmarks.md, issue 17)."""
+    if setting != "auto":
+        return setting, "as configured"
+    if device.startswith("cuda"):
+        if torch.cuda.is_bf16_supported():
+            return "bfloat16", "auto: the GPU has bfloat16"
+        return "float32", "auto: this GPU has no bfloat16"
+    units = cpu_bf16_units()
+    if units:
+        return "float32", (f"auto: float32 on CPUs; this one has {'/'.join(units)}, but bfloat16 autocast measured "
+                           "slower than float32 on such a CPU (--autocast bfloat16 to try it)")
+    return "float32", "auto: float32 on CPUs"
+
+
+class GradientFeaturizer:
+    """Projected per-example features, one LoRA weight at a time: rows of P^T g (sgd) or P^T adam(g) (adam).
+
+    Each weight's per-example gradient is turned into its Adam feature with that weight's slice of the
+    moments (the feature is elementwise) and projected with the matrix rows at its absolute coordinates,
+    then dropped; the sum over weights is the projection of the whole feature vector."""
+
+    def __init__(self, extractor: PerExampleGradients, projector, adam: AdamState | None = None,
+                 adam_form: str = "less", autocast: str = "float32"):
+        if projector.in_dim != extractor.spec.dim:
+            raise GradientError(f"projector expects {projector.in_dim} coordinates, the adapter has {extractor.spec.dim}")
+        if adam is not None and adam.exp_avg.numel() != extractor.spec.dim:
+            raise GradientError(f"Adam state has {adam.exp_avg.numel()} coordinates, the adapter {extractor.spec.dim}")
+        if autocast not in ("float32", "bfloat16"):
+            raise GradientError(f"autocast must be float32 or bfloat16, not {autocast!r}")
+        self.extractor, self.projector, self.adam, self.adam_form, self.autocast = (
+            extractor, projector, adam, adam_form, autocast)
+
+    @property
+    def dim(self) -> int:
+        return self.projector.dim
+
+    def features(self, input_ids: torch.Tensor, labels: torch.Tensor,
+                 attention: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """([B, dim] float32 features, [B] losses, [B] bool: every coordinate of the example was finite)."""
+        batch = input_ids.shape[0]
+        out = torch.zeros(batch, self.dim, dtype=torch.float32, device=self.projector.device)
+        finite = torch.ones(batch, dtype=torch.bool, device=self.projector.device)
+
+        def consume(index: int, start: int, grads: torch.Tensor) -> None:
+            if self.adam is not None:
+                grads = adam_feature(grads, self.adam.slice(start, start + grads.shape[1]), self.adam_form, in_place=True)
+            finite.logical_and_(torch.isfinite(grads).all(dim=1).to(finite.device))
+            self.projector.project_into(out, grads, start)
+
+        losses = self.extractor.stream(input_ids, labels, attention, consume, self.autocast)
+        return out, losses, finite & torch.isfinite(losses).to(finite.device)

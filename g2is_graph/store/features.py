@@ -4,8 +4,8 @@ Layout of one store (one split, one checkpoint):
     meta.json                  what the features are: model, checkpoint, projector, gradient kind, dtype
     rows.jsonl                 row -> (file, line, id, content hash, dataset, task, subtask, token counts)
     chunks/chunk-NNNNN.safetensors   `raw` and `normalized` (L2) features of rows [start, stop)
-    chunks/chunk-NNNNN.json    the chunk's rows, sha256 and device; written last, so its presence marks
-                               the chunk complete
+    chunks/chunk-NNNNN.json    the chunk's rows, sha256, device and the shard (i, n) that wrote it;
+                               written last, so its presence marks the chunk complete
 
 The chunk plan (rows per chunk) is fixed at creation, so an interrupted job recomputes only missing
 chunks and ends byte-identical to an uninterrupted run, and shards (`i/n` takes chunks c with c % n == i)
@@ -32,7 +32,9 @@ from g2is_graph.provenance import check_saved, differing, provenance
 FORMAT = "g2is-features-v1"
 # fields of meta.json that must agree for features to be compared or merged
 IDENTITY_FIELDS = ("format", "model", "checkpoint", "projector", "gradient", "parameters", "records_sha256",
-                   "chunk_rows", "store_dtype", "model_dtype", "data")
+                   "chunk_rows", "store_dtype", "model_dtype", "autocast", "data")
+# identity fields added after stores were first written, with the value every older store implies
+IMPLIED_FIELDS = {"autocast": "float32"}
 
 
 def records_sha256(rows: Sequence[dict[str, Any]]) -> str:
@@ -81,7 +83,8 @@ class FeatureStore:
             meta_path.unlink()  # an older g2is killed while writing it, before any chunk: nothing to keep
         if meta_path.exists():
             existing = store.meta
-            check_saved(existing, meta, list(IDENTITY_FIELDS) + ["n_rows"], meta_path, "gradient job", StoreError)
+            check_saved({**IMPLIED_FIELDS, **existing}, {**IMPLIED_FIELDS, **meta}, list(IDENTITY_FIELDS) + ["n_rows"],
+                        meta_path, "gradient job", StoreError)
             return store
         (store.path / "chunks").mkdir(parents=True, exist_ok=True)
         body = "".join(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n" for row in rows)
@@ -153,7 +156,8 @@ class FeatureStore:
         index, count = shard
         return [c for c in range(self.plan.n_chunks) if c % count == index and not self.chunk_complete(c)]
 
-    def write_chunk(self, chunk: int, raw: np.ndarray | None, normalized: np.ndarray, device: str) -> None:
+    def write_chunk(self, chunk: int, raw: np.ndarray | None, normalized: np.ndarray, device: str,
+                    shard: tuple[int, int] = (0, 1)) -> None:
         from safetensors.numpy import save
 
         start, stop = self.plan.bounds(chunk)
@@ -170,7 +174,7 @@ class FeatureStore:
         data, sidecar = self._chunk_paths(chunk)
         atomic_write_bytes(data, save(tensors))
         info = {"chunk": chunk, "rows": [start, stop], "sha256": sha256_file(data), "device": device,
-                "tensors": sorted(tensors)}
+                "shard": list(shard), "tensors": sorted(tensors)}
         atomic_write_bytes(sidecar, json.dumps(info, sort_keys=True).encode())
 
     def read_chunk(self, chunk: int, name: str = "normalized") -> np.ndarray:

@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from g2is_graph.config import ProjectorConfig
+from g2is_graph.grads.projection import SPARSE_BLOCK_ROWS
 from g2is_graph.provenance import differing
 from g2is_graph.store.features import FeatureStore, StoreError
 
@@ -94,6 +96,18 @@ def lr_weights(mean_lrs: Sequence[float | None]) -> tuple[float, ...]:
 
 def checkpoint_weights(stores: Sequence[FeatureStore]) -> tuple[float, ...]:
     return lr_weights([s.meta["checkpoint"].get("mean_lr") for s in stores])
+
+
+def projector_config(space: dict[str, Any], where: Path) -> ProjectorConfig:
+    """The ProjectorConfig that reproduces a described space's projector (`where` names the description)."""
+    ident = space["projector"]
+    if ident.get("generator") != "numpy-philox-v1":
+        raise StoreError(f"{where}: the features come from projector {ident.get('kind')!r} "
+                         f"({ident.get('generator', 'imported')}), which g2is cannot reproduce for new records")
+    defaults = ProjectorConfig()
+    block_rows = ident.get("block_rows", SPARSE_BLOCK_ROWS if ident["kind"] == "sparse" else defaults.block_rows)
+    return ProjectorConfig(kind=ident["kind"], dim=int(ident["dim"]), seed=int(ident["seed"]),
+                           sparse_nnz=int(ident.get("sparse_nnz", defaults.sparse_nnz)), block_rows=int(block_rows))
 
 
 def space_of(stores: Sequence[FeatureStore]) -> FeatureSpace:

@@ -32,6 +32,7 @@ from g2is_graph.config import (
     ConfigError,
     DataConfig,
     FinetuneConfig,
+    GradientConfig,
     GraphConfig,
     LoraSettings,
     ProjectorConfig,
@@ -344,8 +345,9 @@ def run_study(work: str | Path, config: QualityConfig, preset: str = "custom", e
 
     started = stage("gradients")
     projector = ProjectorConfig(kind=config.projector, dim=config.dim)
+    # float32 model products: the study's figures (docs/quality.md) were measured so, and its work folders resume
     features = featurize([files["pool"]], list(files["validation"].values()), model, paths, work / "features",
-                         projector, data_config, echo=echo, progress=progress)
+                         projector, data_config, GradientConfig(autocast="float32"), echo=echo, progress=progress)
     train, validation = features.train, features.validation
     study.timed("gradients", time.perf_counter() - started)
 

@@ -5,6 +5,13 @@ parameter name (plain HF Trainer checkpoints key them by integer index, LESS's m
 `trainer_state.json` with the step count and the learning rate of every optimizer step. A run resumes
 from its last complete epoch, with the same data order and dropout masks as an uninterrupted one. Every
 optimizer step appends {step, epoch, lr, loss} to `train_log.jsonl`.
+
+Under torchrun or `accelerate launch` the run is data-parallel: micro-batch m of every optimizer step goes
+to rank m % WORLD_SIZE, the ranks' summed LoRA gradients are all-reduced once per step (what DDP does,
+written out so that a step with fewer micro-batches than ranks works and parameter names stay those of
+the plain model), every rank takes the same optimizer step, and rank 0 writes checkpoints and the log.
+Dropout masks are drawn per micro-batch from (seed, epoch, step, micro-batch), so the ranks draw the
+masks one process would: the run differs from a single-process one only by the order of the sums.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from tqdm.auto import tqdm
 
 from g2is_graph.config import to_jsonable
 from g2is_graph.data.records import Encoded, collate
+from g2is_graph.distributed import Ranks, all_reduce_sum, barrier
 from g2is_graph.errors import ConfigError
 from g2is_graph.grads.gradients import per_example_loss
 from g2is_graph.model.loading import add_lora, load_base_model, lora_parameters, pick_device
@@ -50,15 +58,23 @@ def cosine_schedule(step: int, total: int, warmup: int, lr: float) -> float:
 SCHEDULES = {"linear": linear_schedule, "cosine": cosine_schedule}
 
 
+def micro_batch_seed(seed: int, epoch: int, step: int, micro: int) -> int:
+    """The torch seed of one micro-batch's dropout masks: the same whichever rank runs it."""
+    return int(np.random.SeedSequence([seed, epoch, step, micro]).generate_state(1, np.uint64)[0] >> 1)
+
+
 def train_lora(encoded: Sequence[Encoded], chosen: Sequence[int], pad_id: int, model_spec: str | Path,
-               out_dir: Path, config, label: str, echo=print, progress: bool = True) -> list[Path]:
-    """Train a fresh LoRA adapter on encoded[chosen]; `config` is a WarmupConfig or FinetuneConfig."""
+               out_dir: Path, config, label: str, echo=print, progress: bool = True, ranks: Ranks = Ranks(),
+               device: str | None = None) -> list[Path]:
+    """Train a fresh LoRA adapter on encoded[chosen]; `config` is a WarmupConfig or FinetuneConfig.
+
+    With `ranks` of a launched job (inside its process group) this process is one data-parallel rank."""
     if config.schedule not in SCHEDULES:
         raise ConfigError(f"schedule must be one of {', '.join(SCHEDULES)}, not {config.schedule!r}")
     if not chosen:
         raise ConfigError(f"no examples to {label} on")
     schedule = SCHEDULES[config.schedule]
-    device = pick_device(config.device)
+    device = device or pick_device(config.device)
     torch.manual_seed(config.seed)
     model = add_lora(load_base_model(model_spec, config.dtype, device), config.lora)
     params = lora_parameters(model)
@@ -78,42 +94,63 @@ def train_lora(encoded: Sequence[Encoded], chosen: Sequence[int], pad_id: int, m
         _restore(model, optimizer, params, done[-1], state)
         lrs, step, start_epoch = list(state["lrs"]), state["step"], state["epoch"]
         echo(f"resuming {label} after epoch {start_epoch} ({done[-1]})")
-    _truncate_log(out_dir / LOG_FILE, step)
+    if ranks.is_main:
+        _truncate_log(out_dir / LOG_FILE, step)
 
     model.train()
     paths = list(done)
-    with open(out_dir / LOG_FILE, "a") as log:
+    with open(out_dir / LOG_FILE, "a") if ranks.is_main else open(os.devnull, "w") as log:
         for epoch in range(start_epoch, config.epochs):
             order = np.random.default_rng(config.seed + 1 + epoch).permutation(list(chosen)).tolist()
-            torch.manual_seed(config.seed * 1009 + epoch)  # dropout masks per epoch: a resumed run draws the same
             epoch_start = step
             bar = tqdm(total=steps_per_epoch, desc=f"{label} epoch {epoch + 1}/{config.epochs}", unit="step",
-                       disable=not progress)
+                       disable=not progress or not ranks.is_main)
             for s in range(steps_per_epoch):
                 group = order[s * per_step:(s + 1) * per_step]
                 lr = schedule(step, total_steps, warmup_steps, config.lr)
                 for g in optimizer.param_groups:
                     g["lr"] = lr
                 optimizer.zero_grad(set_to_none=True)
-                total_loss = 0.0
-                for m in range(0, len(group), config.batch_size):
+                total_loss = torch.zeros((), dtype=torch.float64, device=device)
+                for micro, m in enumerate(range(0, len(group), config.batch_size)):
+                    if micro % ranks.world_size != ranks.rank:
+                        continue
+                    torch.manual_seed(micro_batch_seed(config.seed, epoch, step, micro))
                     batch = [encoded[i] for i in group[m:m + config.batch_size]]
                     ids, labels, attention = collate(batch, pad_id)
                     logits = model(input_ids=ids.to(device), attention_mask=attention.to(device)).logits
                     loss = per_example_loss(logits, labels.to(device)).sum() / len(group)
                     loss.backward()
-                    total_loss += loss.item()
+                    total_loss += loss.detach()
+                if ranks.distributed:
+                    total_loss = _sum_over_ranks(ranks, params, total_loss)
                 optimizer.step()
                 lrs.append(lr)
                 step += 1
-                log.write(json.dumps({"step": step, "epoch": epoch + 1, "lr": lr, "loss": total_loss}) + "\n")
-                bar.set_postfix(loss=f"{total_loss:.3f}", lr=f"{lr:.2e}")
+                log.write(json.dumps({"step": step, "epoch": epoch + 1, "lr": lr, "loss": float(total_loss)}) + "\n")
+                bar.set_postfix(loss=f"{float(total_loss):.3f}", lr=f"{lr:.2e}")
                 bar.update(1)
             bar.close()
             log.flush()
-            paths.append(_save_checkpoint(out_dir, model, optimizer, params, config, epoch + 1, step, lrs,
-                                          (epoch_start, step)))
+            final = out_dir / f"checkpoint-epoch{epoch + 1}"
+            if ranks.is_main:
+                _save_checkpoint(out_dir, model, optimizer, params, config, epoch + 1, step, lrs, (epoch_start, step))
+            barrier(ranks)  # the checkpoint exists for every rank before any goes on
+            paths.append(final)
     return paths
+
+
+def _sum_over_ranks(ranks: Ranks, params, total_loss: torch.Tensor) -> torch.Tensor:
+    """Sum every LoRA gradient (a rank without micro-batches in this step contributes zeros) and the step's
+    loss over the ranks, in one all-reduce."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for _, p in params]
+    flat = torch.cat([g.reshape(-1).float() for g in grads] + [total_loss.float().reshape(1)])
+    all_reduce_sum(ranks, flat)
+    offset = 0
+    for (_, p), g in zip(params, grads):
+        p.grad = flat[offset:offset + g.numel()].view_as(g).to(p.dtype)
+        offset += g.numel()
+    return flat[-1].double()
 
 
 def _truncate_log(path: Path, step: int) -> None:
@@ -125,7 +162,7 @@ def _truncate_log(path: Path, step: int) -> None:
 
 
 def _save_checkpoint(out_dir: Path, model, optimizer, params, config, epoch: int, step: int,
-                     lrs: list[float], epoch_steps: tuple[int, int]) -> Path:
+                     lrs: list[float], epoch_steps: tuple[int, int]) -> None:
     from safetensors.torch import save_file
 
     final = out_dir / f"checkpoint-epoch{epoch}"
@@ -146,7 +183,6 @@ def _save_checkpoint(out_dir: Path, model, optimizer, params, config, epoch: int
     if final.exists():
         shutil.rmtree(final)
     os.replace(staging, final)
-    return final
 
 
 def _restore(model, optimizer, params, path: Path, state: dict) -> None:

@@ -109,3 +109,154 @@ def test_loss_on_loss_positions_equals_the_full_logits_loss(tiny_model, encoded)
     ids, labels, attention = collate(examples[:5], pad)
     full = per_example_loss(model(input_ids=ids, attention_mask=attention).logits, labels)
     torch.testing.assert_close(loss_token_losses(model, ids, labels, attention), full, rtol=1e-5, atol=1e-6)
+
+
+def random_adam_state(dim: int, seed: int = 0) -> AdamState:
+    g = torch.Generator().manual_seed(seed)
+    return AdamState(torch.randn(dim, generator=g) * 0.01, torch.rand(dim, generator=g) * 1e-4, step=5,
+                     beta1=0.9, beta2=0.999, eps=1e-8)
+
+
+@pytest.mark.parametrize("kind", ["sparse", "rademacher"])
+@pytest.mark.parametrize("batch_size", [1, 4])
+def test_features_one_weight_at_a_time_equal_the_projection_of_the_whole_gradient(tiny_model, encoded, kind,
+                                                                                   batch_size):
+    from g2is_graph.config import ProjectorConfig
+    from g2is_graph.grads.gradients import GradientFeaturizer
+    from g2is_graph.grads.projection import Projector
+
+    examples, pad_id = encoded
+    model = lora_model(tiny_model)
+    extractor = PerExampleGradients(model)
+    reference = torch.stack([reference_gradient(model, torch.tensor([e.input_ids]), torch.tensor([e.labels]))
+                             for e in examples])
+    projector = Projector(ProjectorConfig(kind=kind, dim=64, block_rows=100), extractor.spec.dim)  # blocks cut weights
+    state = random_adam_state(extractor.spec.dim)
+    for adam, whole in ((None, reference), (state, adam_feature(reference, state))):
+        featurizer = GradientFeaturizer(extractor, projector, adam)
+        rows = []
+        for start in range(0, len(examples), batch_size):
+            features, losses, finite = featurizer.features(*collate(examples[start:start + batch_size], pad_id))
+            assert finite.all() and features.shape == (len(losses), 64)
+            rows.append(features)
+        expected = projector.project(whole)
+        torch.testing.assert_close(torch.cat(rows), expected, rtol=1e-4, atol=1e-5 * expected.abs().max().item())
+
+
+def test_bfloat16_autocast_features_point_where_float32_ones_do(tiny_model, encoded):
+    from g2is_graph.config import ProjectorConfig
+    from g2is_graph.grads.gradients import GradientFeaturizer
+    from g2is_graph.grads.projection import Projector
+
+    examples, pad_id = encoded
+    model = lora_model(tiny_model)
+    extractor = PerExampleGradients(model)
+    projector = Projector(ProjectorConfig(dim=64), extractor.spec.dim)
+    batch = collate(examples, pad_id)
+    exact, _, _ = GradientFeaturizer(extractor, projector, autocast="float32").features(*batch)
+    half, losses, finite = GradientFeaturizer(extractor, projector, autocast="bfloat16").features(*batch)
+    assert half.dtype == torch.float32 and finite.all()
+    assert not torch.equal(half, exact)  # the products really ran in bfloat16
+    assert torch.nn.functional.cosine_similarity(half, exact, dim=1).min() > 0.99
+
+
+def test_a_non_finite_gradient_is_flagged_for_its_example(tiny_model, encoded):
+    from g2is_graph.config import ProjectorConfig
+    from g2is_graph.grads.gradients import GradientFeaturizer
+    from g2is_graph.grads.projection import Projector
+
+    examples, pad_id = encoded
+    model = lora_model(tiny_model)
+    extractor = PerExampleGradients(model)
+    state = random_adam_state(extractor.spec.dim)
+    state.exp_avg_sq[extractor.offsets[3] + 5] = -1.0  # sqrt of a negative second moment: NaN in that coordinate
+    featurizer = GradientFeaturizer(extractor, Projector(ProjectorConfig(dim=16), extractor.spec.dim), state)
+    _, _, finite = featurizer.features(*collate(examples[:3], pad_id))
+    assert not finite.any()
+
+
+class LargestTensor:
+    """Records the element count of the largest tensor any torch operation produces (backward hooks included)."""
+
+    def __enter__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._pytree import tree_flatten
+
+        monitor = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                for t in tree_flatten(out)[0]:
+                    if isinstance(t, torch.Tensor):
+                        monitor.largest = max(monitor.largest, t.numel())
+                return out
+
+        self.largest = 0
+        self._mode = Mode()
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._mode.__exit__(*exc)
+
+
+def map_large_blocks_alone() -> None:
+    """Make glibc's malloc map every block over 128 KiB on its own and unmap it when freed (a fixed mmap
+    threshold), so that the resident set follows the live tensors rather than what the heap kept."""
+    import ctypes
+
+    ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 17)  # M_MMAP_THRESHOLD (fixing it also stops glibc raising it)
+
+
+def peak_rss_growth(fn) -> int:
+    """Bytes by which the process's peak resident set grows while fn runs (Linux: VmHWM reset, then read)."""
+    def rss(field):
+        with open("/proc/self/status") as fh:
+            return next(int(line.split()[1]) * 1024 for line in fh if line.startswith(field))
+
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")  # resets VmHWM to the current resident set
+    before = rss("VmRSS:")
+    fn()
+    return rss("VmHWM:") - before
+
+
+def test_memory_is_bounded_by_one_weight_not_by_the_gradient_dimension(tmp_path):
+    """A tiny model with a large LoRA (D = 5.5M numbers per example): a batch of 8 examples' gradients would
+    be 176 MB as a [B, D] matrix; featurising holds one LoRA weight's [B, n] (n <= 131,072, three buffers of it:
+    the gradient, Adam's second moment, one projection term) at a time. Short examples keep the activations
+    (B x T x r per weight) small beside that."""
+    from g2is_graph.config import ProjectorConfig
+    from g2is_graph.grads.gradients import GradientFeaturizer
+    from g2is_graph.grads.projection import Projector
+    from g2is_graph.model.loading import build_tiny_model
+
+    map_large_blocks_alone()
+    folder = build_tiny_model(tmp_path / "m", hidden=256, layers=6)
+    torch.manual_seed(0)
+    model = add_lora(load_base_model(folder), LoraSettings(r=512, alpha=512, dropout=0.0))
+    for name, p in lora_parameters(model):
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.02)
+    model.eval()
+    tokenizer = load_tokenizer(folder)
+    ids = torch.randint(3, 200, (8, 16), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[:, :8] = -100
+    batch = (ids, labels, torch.ones_like(ids))
+    extractor = PerExampleGradients(model)
+    d, n_max = extractor.spec.dim, max(int(np.prod(s)) for s in extractor.spec.shapes)
+    materialised = 8 * d * 4
+    assert d > 5_500_000 and tokenizer is not None
+    projector = Projector(ProjectorConfig(kind="sparse", dim=256), d)  # its bounded cache fills in the first call
+    featurizer = GradientFeaturizer(extractor, projector, random_adam_state(d))
+    featurizer.features(*batch)
+
+    with LargestTensor() as guard:
+        streamed = peak_rss_growth(lambda: featurizer.features(*batch))
+    assert guard.largest <= 8 * n_max  # no tensor larger than one weight's per-example gradients
+    whole = peak_rss_growth(lambda: extractor.compute(*batch))  # what materialising the matrix costs
+    bound = materialised // 4
+    print(f"peak growth: featurising {streamed / 1e6:.1f} MB, materialising {whole / 1e6:.1f} MB, bound {bound / 1e6:.1f} MB")
+    assert streamed < bound < whole, (streamed, bound, whole)

@@ -39,6 +39,24 @@ def test_projection_is_the_matrix_product_for_any_batch_chunking(kind, device):
 
 
 @pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("cache_bytes", [None, 0])
+def test_pieces_at_their_absolute_positions_sum_to_the_projection_of_the_whole(kind, device, cache_bytes):
+    # pieces cut like LoRA weights: not aligned to the generator's row blocks, some inside one block
+    config = ProjectorConfig(kind=kind, dim=96, block_rows=64)
+    rows = torch.randn(3, 500, generator=torch.Generator().manual_seed(1))
+    projector = Projector(config, 500, device=device, cache_bytes=cache_bytes)
+    expected = rows.numpy().astype(np.float64) @ projector.matrix().astype(np.float64)
+    for cuts in ([0, 500], [0, 10, 70, 71, 200, 500], [0, 130, 131, 260, 390, 450, 500]):
+        out = torch.zeros(3, 96, device=device)
+        for start, stop in reversed(list(zip(cuts, cuts[1:]))):  # any order, as a backward pass hands them over
+            projector.project_into(out, rows[:, start:stop].to(device), start)
+        np.testing.assert_allclose(out.cpu().numpy(), expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="cannot add"):
+        projector.project_into(torch.zeros(3, 96, device=device), rows[:, :20].to(device), 490)
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_johnson_lindenstrauss_norms_and_cosines(kind):
     rng = np.random.default_rng(3)
     base = rng.standard_normal((5, 2000))
@@ -60,5 +78,9 @@ def test_identity_names_everything_that_changes_the_matrix():
     ident = Projector(ProjectorConfig(kind="rademacher", dim=64, seed=5, block_rows=32), 100).identity()
     assert ident == {"kind": "rademacher", "dim": 64, "seed": 5, "in_dim": 100, "generator": "numpy-philox-v1",
                      "block_rows": 32}
+    # sparse stores written before block_rows was recorded all used 4096: their identity stays as it was
+    assert Projector(ProjectorConfig(kind="sparse", dim=64), 100).identity() == {
+        "kind": "sparse", "dim": 64, "seed": 0, "in_dim": 100, "generator": "numpy-philox-v1", "sparse_nnz": 4}
+    assert Projector(ProjectorConfig(kind="sparse", dim=64, block_rows=32), 100).identity()["block_rows"] == 32
     with pytest.raises(ValueError, match="expected"):
         Projector(ProjectorConfig(dim=8), 10).project(torch.zeros(2, 11))

@@ -20,7 +20,7 @@ from ingest.warmup import checkpoint_weights, run_warmup
 
 WARMUP = WarmupConfig(fraction=0.5, epochs=3, lr=1e-3, grad_accumulation=2, batch_size=2,
                       lora=LoraSettings(r=4, alpha=16))
-GRADS = GradientConfig(chunk_rows=8, batch_size=3, projection_batch=5)
+GRADS = GradientConfig(chunk_rows=8, batch_size=3)
 PROJ = ProjectorConfig(dim=32, block_rows=256)
 
 
@@ -134,7 +134,7 @@ def test_features_are_normalised_and_rows_map_back_to_file_and_line(tiny_model, 
     assert rows[4]["line"] == 5 and rows[4]["source_file"] == str(pool) and rows[4]["id"] == "w4"
     meta = store.meta
     assert meta["gradient"] == {"kind": "adam", "adam_form": "less", "loss": "mean over loss tokens"}
-    assert meta["projector"]["kind"] == "rademacher" and meta["checkpoint"]["name"] == checkpoints[0].name
+    assert meta["projector"]["kind"] == "sparse" and meta["checkpoint"]["name"] == checkpoints[0].name
     # validation (SGD) features from the same checkpoint live in the same space but are different features
     sgd = run_gradients([pool], tiny_model, [checkpoints[0].path], tmp_path / "v",
                         GradientConfig(kind="sgd", chunk_rows=8), PROJ, DataConfig(), progress=False)
@@ -227,7 +227,7 @@ def test_two_ingests_into_one_graph_at_once_end_in_the_sequential_graph(tiny_mod
                 fh.write(json.dumps({"id": f"new-{part}{i}", "prompt": f"{part} question {i} on rivers and trees",
                                      "completion": f"{part} answer {i}"}) + "\n")
     (tmp_path / "g2is.toml").write_text("[projector]\ndim = 32\nblock_rows = 256\n"
-                                        "[gradients]\nchunk_rows = 8\nbatch_size = 3\nprojection_batch = 5\n")
+                                        "[gradients]\nchunk_rows = 8\nbatch_size = 3\n")
     env = {**os.environ, "NEO4J_URI": neo4j_uri, "G2IS_HOME": str(tmp_path / "home")}
     ingests = [subprocess.Popen([sys.executable, "-c", "from g2is_graph.cli import main; main(prog_name='g2is')",
                                  "-q", "ingest", f"{part}.jsonl", "--model", str(tiny_model), "--checkpoint",
@@ -248,3 +248,49 @@ def test_two_ingests_into_one_graph_at_once_end_in_the_sequential_graph(tiny_mod
     sequential = graph._run_auto("MATCH (a:Sample)-[e]->(b:Sample) RETURN type(e) AS t, a.id AS a, b.id AS b, "
                                  "e.weight AS w, e.rank AS r")
     assert {tuple(e.values()) for e in edges} == {tuple(e.values()) for e in sequential}
+
+
+def test_a_store_of_the_old_default_projector_stays_readable_and_resumable(tiny_model, warmed, tmp_path):
+    """Stores made before issue 17 (rademacher default, no `autocast` in meta.json) load as before, resume when
+    their settings are passed, and a run with the new defaults says which settings they were made with."""
+    pool, checkpoints = warmed
+    old_proj = ProjectorConfig(kind="rademacher", dim=32, block_rows=256)
+    old_grads = GradientConfig(chunk_rows=8, batch_size=3, autocast="float32")
+    made = run_gradients([pool], tiny_model, [checkpoints[0].path], tmp_path / "f", old_grads, old_proj, DataConfig(),
+                         progress=False)
+    store_dir = made.stores[0]
+    meta = json.loads((store_dir / "meta.json").read_text())
+    del meta["autocast"]  # as an older g2is wrote it
+    (store_dir / "meta.json").write_text(json.dumps(meta))
+    features = FeatureStore(store_dir).load()  # readable as it is
+    (store_dir / "chunks" / "chunk-00002.json").unlink()  # as if interrupted
+    with pytest.raises(StoreError, match="chunks missing"):
+        FeatureStore(store_dir).verify()
+    shown = r'different projector \(projector: saved \{"kind": "rademacher"\}, asked \{"kind": "sparse"'
+    with pytest.raises(StoreError, match=shown):
+        run_gradients([pool], tiny_model, [checkpoints[0].path], tmp_path / "f", old_grads,
+                      ProjectorConfig(dim=32, block_rows=256), DataConfig(), progress=False)
+    resumed = run_gradients([pool], tiny_model, [checkpoints[0].path], tmp_path / "f", old_grads, old_proj,
+                            DataConfig(), progress=False)
+    assert resumed.chunks_computed == 1
+    np.testing.assert_array_equal(FeatureStore(store_dir).load(), features)
+
+
+@pytest.mark.parametrize("kind", ["sparse", "rademacher"])
+def test_a_graph_space_names_the_projector_that_reproduces_its_features(tiny_model, warmed, tmp_path, kind):
+    from g2is_graph.grads.projection import Projector
+    from g2is_graph.store.space import projector_config, space_of
+
+    pool, checkpoints = warmed
+    made = run_gradients([pool], tiny_model, [checkpoints[0].path], tmp_path / "f", GRADS,
+                         ProjectorConfig(kind=kind, dim=32, seed=3), DataConfig(), progress=False)
+    store = FeatureStore(made.stores[0])
+    config = projector_config(space_of([store]).describe(), tmp_path / "state.json")
+    assert Projector(config, store.meta["projector"]["in_dim"]).identity() == store.meta["projector"]
+
+
+def test_a_retired_setting_is_refused_with_its_reason():
+    from g2is_graph.config import ConfigError, build
+
+    with pytest.raises(ConfigError, match=r"\[gradients\] projection_batch: gradients are now projected one LoRA"):
+        build(GradientConfig, {"projection_batch": 64}, "gradients")
