@@ -91,6 +91,10 @@ class ServerConfig(Settings):
     browser: bool = opt(False, "also serve Neo4j Browser over HTTP on loopback (`g2is neo4j start --browser`)")
     browser_version: str = opt(NEO4J_BROWSER_VERSION, "org.neo4j.client:neo4j-browser version")
     http_port: int = opt(7474, "the Browser's HTTP port, used when free; otherwise a free port is chosen")
+    import_heap: str = opt("2g", "JVM heap of `neo4j-admin database import` (a first build of an empty database)")
+    import_off_heap: str = opt("2g", "off-heap memory the importer may use (its default, 90% of free RAM, is "
+                                     "unkind to a shared machine)")
+    import_threads: int = opt(2, "importer threads")
 
     def check(self) -> None:
         if not 1 <= self.port <= 65535:
@@ -103,6 +107,9 @@ class ServerConfig(Settings):
 
     def resolved_browser_dir(self) -> Path:
         return cache_home() / f"neo4j-browser-{self.browser_version}"
+
+    def resolved_import_jar_dir(self) -> Path:
+        return cache_home() / f"neo4j-{self.version}" / "import-lib"
 
 
 BOLT_SCHEMES = ("bolt", "bolt+s", "bolt+ssc", "neo4j", "neo4j+s", "neo4j+ssc")
@@ -548,9 +555,6 @@ class SelectionConfig(Settings):
             raise ConfigError("[select] n_components must be positive")
         if self.component_fraction is not None and not 0 < self.component_fraction <= 1:
             raise ConfigError("[select] component_fraction must be in (0, 1]")
-        if self.center_pool and self.candidates == "all":
-            raise ConfigError("[select] center_pool walks the SIMILAR candidates: use it with candidates=neighbors "
-                              "(the server ranks `all` candidates by uncentred cosine)")
 
 
 @dataclass(frozen=True)

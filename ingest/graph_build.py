@@ -223,14 +223,14 @@ def compute_neighbors(old: Neighbors | None, vectors: np.ndarray, n_old: int, co
 
 
 def _node_rows(state: GraphState, vectors: np.ndarray, rows: Sequence[int]) -> Iterator[dict[str, Any]]:
-    """Node properties, one row at a time (a node's vector as a Python list is ~75 bytes per float)."""
+    """Node properties, one row at a time (the vector once, as float32 bytes)."""
     meta_rows = []
     for segment in state.data["segments"]:
         store_rows = FeatureStore(segment["stores"][0]).rows()  # the row map only: no chunk is read
         meta_rows.extend(store_rows[i] for i in segment["taken"])
     keep = ("id", "source_file", "line", "dataset", "content_hash", "n_tokens", "n_loss_tokens", "preview")
     for r in rows:
-        yield {**{key: meta_rows[r].get(key) for key in keep}, "row": int(r), "gradient": vectors[r].tolist(),
+        yield {**{key: meta_rows[r].get(key) for key in keep}, "row": int(r),
                "gradient_f32": vectors[r].astype("<f4").tobytes()}
 
 
@@ -538,7 +538,7 @@ def write_validation(graph: Graph, space: FeatureSpace, validation_stores: Seque
     rows = stores[0].rows()
     payload = [{"id": r["id"], "task": r.get("task") or r.get("dataset") or "default", "subtask": r.get("subtask"),
                 "dataset": r.get("dataset"), "source_file": r["source_file"], "line": r["line"],
-                "content_hash": r["content_hash"], "preview": r.get("preview"), "gradient": vectors[i].tolist(),
+                "content_hash": r["content_hash"], "preview": r.get("preview"),
                 "gradient_f32": vectors[i].astype("<f4").tobytes()}
                for i, r in enumerate(rows)]
     _timed_write(graph, "upsert_validation", iter(payload), len(payload), config.node_batch, "example", progress,
