@@ -482,6 +482,9 @@ class GraphConfig(Settings):
     similar_candidates: int = opt(64, "SIMILAR candidates re-ranked by exact cosine (when the index holds a sketch)")
     index_dim: int = opt(0, ">0: the hnswlib index holds a JL sketch of this many dims (faster, lower recall)")
     recall_sample: int = opt(512, "nodes checked against exact search on every hnswlib build")
+    bulk_import_from: int = opt(50_000, "a first build of at least this many nodes into an empty database of the "
+                                        "project-managed server goes through `neo4j-admin database import` "
+                                        "(server restarted); 0: always through transactions")
     node_batch: int = opt(200, "nodes per write transaction (each carries its vector)")
     edge_batch: int = opt(1000, "source nodes per edge transaction (k edges each, per kind)")
     threads: int = opt(0, "hnswlib threads; 0: all cores")
@@ -496,6 +499,8 @@ class GraphConfig(Settings):
             raise ConfigError("[graph] k must be positive and ef, ef_negative, ef_construction at least k")
         if self.negative_candidates < self.k:
             raise ConfigError("[graph] negative_candidates must be at least k")
+        if self.bulk_import_from < 0:
+            raise ConfigError("[graph] bulk_import_from must be >= 0")
         if min(self.node_batch, self.edge_batch, self.recall_sample) <= 0:
             raise ConfigError("[graph] node_batch, edge_batch and recall_sample must be positive")
         if self.lock_wait_s < 0 or self.heartbeat_s <= 0 or self.lock_stale_s < 2 * self.heartbeat_s:
