@@ -474,6 +474,10 @@ class GraphConfig(Settings):
     SECTION = "graph"
     k: int = opt(16, "neighbours per node in each list")
     exact: bool = opt(False, "blocked matrix products instead of hnswlib (small pools, recall measurement)")
+    index: Literal["hnsw", "ivf"] = opt("hnsw", "approximate search when not exact: hnswlib, or an inverted file "
+                                               "(k-means cells searched exhaustively, exact re-ranking)")
+    ivf_cells: int = opt(0, "ivf: number of k-means cells; 0: sqrt(N)")
+    ivf_probe: int = opt(8, "ivf: cells searched per query and list")
     m: int = opt(16, "hnswlib M")
     ef_construction: int = opt(200, "hnswlib ef at construction")
     ef: int = opt(128, "hnswlib ef of the SIMILAR query")
@@ -499,6 +503,8 @@ class GraphConfig(Settings):
             raise ConfigError("[graph] k must be positive and ef, ef_negative, ef_construction at least k")
         if self.negative_candidates < self.k:
             raise ConfigError("[graph] negative_candidates must be at least k")
+        if self.ivf_cells < 0 or self.ivf_probe < 1:
+            raise ConfigError("[graph] ivf_cells must be >= 0 and ivf_probe >= 1")
         if self.bulk_import_from < 0:
             raise ConfigError("[graph] bulk_import_from must be >= 0")
         if min(self.node_batch, self.edge_batch, self.recall_sample) <= 0:

@@ -40,7 +40,7 @@ from g2is_graph.db.server import LocalServer
 from g2is_graph.errors import hinted
 from g2is_graph.files import atomic_write_json
 from g2is_graph.locks import DatabaseLock, FileLock
-from g2is_graph.neighbors.knn import HnswIndex, Neighbors, exact_topk, measure_recall
+from g2is_graph.neighbors.knn import HnswIndex, Neighbors, exact_topk, ivf_neighbors, measure_recall
 from g2is_graph.provenance import check_saved, provenance
 from g2is_graph.selection.diagnostics import pool_cosine_stats
 from g2is_graph.store.features import FeatureStore, StoreError
@@ -48,7 +48,7 @@ from g2is_graph.store.space import FeatureSpace, check_in_space, combined_featur
 
 STATE_FORMAT = "g2is-graph-state-v2"  # v2: exact float64 edge weights, ties by id
 # settings that shape the edges: a state built with other values cannot be extended
-SHAPING = ("k", "exact", "m", "ef_construction", "ef", "ef_negative", "negative_candidates", "similar_candidates",
+SHAPING = ("k", "exact", "index", "ivf_cells", "ivf_probe", "m", "ef_construction", "ef", "ef_negative", "negative_candidates", "similar_candidates",
            "index_dim", "seed")
 
 
@@ -200,6 +200,8 @@ def compute_neighbors(old: Neighbors | None, vectors: np.ndarray, n_old: int, co
     if old is None or old.similar_index.shape[1] < k:  # first build, or k was capped by a tiny graph
         if config.exact:
             lists = exact_topk(vectors, vectors, k, exclude=np.arange(n), device=config.device, keys=keys)
+        elif config.index == "ivf":
+            lists = ivf_neighbors(vectors, vectors, np.arange(n), k, config, keys)
         else:
             index = HnswIndex.build(vectors, config)
             lists = index.query(vectors, vectors, np.arange(n), k, keys)
@@ -209,6 +211,9 @@ def compute_neighbors(old: Neighbors | None, vectors: np.ndarray, n_old: int, co
         fresh = exact_topk(newcomers, vectors, k, exclude=new_rows, device=config.device, keys=keys)
         among_new = exact_topk(vectors[:n_old], newcomers, min(k, len(newcomers)), device=config.device,
                                keys=keys[n_old:])
+    elif config.index == "ivf":
+        fresh = ivf_neighbors(newcomers, vectors, new_rows, k, config, keys)
+        among_new = ivf_neighbors(vectors[:n_old], newcomers, None, min(k, len(newcomers)), config, keys[n_old:])
     else:
         index.add(newcomers, n_old)
         fresh = index.query(newcomers, vectors, new_rows, k, keys)
@@ -483,7 +488,7 @@ def _add_segment(state: GraphState, stores, segment_key: list[str], config: Grap
     timings["load"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     index = None
-    if not config.exact and n_old:
+    if not config.exact and config.index == "hnsw" and n_old:
         index = state.load_index(vectors[:n_old], config, len(vectors), echo)
     keys = id_keys(state.data["ids"] + [rows[i]["id"] for i in taken])
     lists, index, changed = compute_neighbors(old, vectors, n_old, config, index, keys)
@@ -494,7 +499,8 @@ def _add_segment(state: GraphState, stores, segment_key: list[str], config: Grap
         t0 = time.perf_counter()
         state.data["recall"] = measure_recall(vectors, lists, config.recall_sample, config.seed, config.device)
         timings["recall"] = time.perf_counter() - t0
-        index.save(state.index_path(build))
+        if index is not None:  # hnswlib; the ivf cells are trained anew on each build
+            index.save(state.index_path(build))
     else:
         state.data["recall"] = None
     lists.save(state.dir / f"neighbors-{build}.npz")
