@@ -7,8 +7,16 @@ from conftest import build_selection_graph
 
 from g2is_graph.config import SelectionConfig
 from g2is_graph.selection import runs
-from g2is_graph.selection.runs import (components_of, less_picks, less_picks_paged, load_validation, load_vectors,
-                                       no_graph_picks, no_graph_picks_paged, space_info)
+from g2is_graph.selection.runs import (
+    components_of,
+    less_picks,
+    less_picks_paged,
+    load_validation,
+    load_vectors,
+    no_graph_picks,
+    no_graph_picks_paged,
+    space_info,
+)
 
 
 def test_paged_less_and_no_graph_equal_the_in_memory_baselines(graph, tmp_path, monkeypatch):
