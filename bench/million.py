@@ -124,8 +124,7 @@ def main() -> None:
                 walk = run.walk
                 walks.append({"run": attempt, "picks": len(walk.picks), "steps": walk.steps, "s": walk.seconds,
                               "steps_per_s": walk.steps / max(walk.seconds, 1e-9),
-                              "queries_per_step": walk.round_trips / max(walk.steps, 1),
-                              "select_s": sum(run.seconds.values()) if hasattr(run, "seconds") else None})
+                              "queries_per_step": walk.round_trips / max(walk.steps, 1)})
                 print(f"walk ({attempt}): {len(walk.picks)} picks, {walk.steps} steps in {walk.seconds:.1f} s "
                       f"({walk.steps / max(walk.seconds, 1e-9):.1f} steps/s, "
                       f"{walk.round_trips / max(walk.steps, 1):.2f} queries/step)", flush=True)

@@ -9,7 +9,9 @@ A build computes, then writes. Its state lives in a directory next to the stores
     neighbors-B.npz each node's SIMILAR and CONFLICT lists of build B (row indices and raw cosines)
     lock            held (flock) by the one process that may change this directory
 
-Writes are MERGEs (nodes by id; edges by syncing each source's list exactly), so any write can be
+A large first build into an empty database of the project-managed server is written by Neo4j's offline
+importer instead (`import_write`: parquet files, the server restarted); everything else goes through
+transactions. Writes are MERGEs (nodes by id; edges by syncing each source's list exactly), so any write can be
 repeated: an interrupted build, or one whose server died, is re-run and ends in the same graph. One
 writer at a time: the state directory's lock, and the graph's write lock in the database (a :GraphLock
 node with a heartbeat). What the database holds is checked on every build, never assumed: the
