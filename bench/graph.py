@@ -22,26 +22,30 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from g2is_graph.config import GraphConfig, ServerConfig  # noqa: E402
-from g2is_graph.data.synthetic import clustered_vectors, synthetic_rows, synthetic_store  # noqa: E402
+from g2is_graph.data.synthetic import clustered_rows, clustered_vectors, synthetic_rows, synthetic_store  # noqa: E402
 from g2is_graph.db.graph import Graph  # noqa: E402
 from g2is_graph.db.server import LocalServer, _free_port  # noqa: E402
-from g2is_graph.neighbors.knn import HnswIndex, conflict_recall, exact_topk, recall  # noqa: E402
+from g2is_graph.neighbors.knn import HnswIndex, conflict_recall, exact_topk, ivf_neighbors, recall  # noqa: E402
 from ingest.graph_build import build_graph  # noqa: E402
 
 
 def knn_case(n: int, dim: int, k: int, sample: int, exact_sample: int, threads: int = 0,
-             device: str = "cpu", exact_only: bool = False) -> None:
-    vectors = clustered_vectors(n, dim, clusters=50, seed=0)
-    config = GraphConfig(k=k, threads=threads)
+             device: str = "cpu", exact_only: bool = False, index: str = "hnsw", probe: int = 8) -> None:
+    vectors = clustered_rows(n, dim, clusters=50, seed=0)  # made in float32 chunks: 100k x 8192 is 3.3 GB
+    config = GraphConfig(k=k, threads=threads, index=index, ivf_probe=probe)
     if exact_only:
         started = time.perf_counter()
         exact_topk(vectors, vectors, k, exclude=np.arange(n), device=device)
         print(f"N={n:>7} d={dim} exact on {device}, all rows: {time.perf_counter() - started:.1f} s", flush=True)
         return
     started = time.perf_counter()
-    index = HnswIndex.build(vectors, config)
-    built = time.perf_counter() - started
-    lists = index.query(vectors, vectors, np.arange(n), k)
+    if index == "ivf":
+        lists = ivf_neighbors(vectors, vectors, np.arange(n), k, config)
+        built = 0.0
+    else:
+        hnsw = HnswIndex.build(vectors, config)
+        built = time.perf_counter() - started
+        lists = hnsw.query(vectors, vectors, np.arange(n), k)
     hnsw_s = time.perf_counter() - started
     # exact search over all N rows is timed on `exact_sample` query rows and scaled (it is linear in rows)
     rows = np.random.default_rng(0).choice(n, size=min(exact_sample, n), replace=False)
@@ -52,8 +56,9 @@ def knn_case(n: int, dim: int, k: int, sample: int, exact_sample: int, threads: 
     sim = recall(lists.similar_index[check], exact.similar_index[: len(check)])
     con = conflict_recall(lists.conflict_index[check], lists.conflict_weight[check],
                           exact.conflict_index[: len(check)], exact.conflict_weight[: len(check)])
-    print(f"N={n:>7} d={dim} threads={threads or 'all'} exact on {device}: hnswlib {hnsw_s:7.1f} s (build {built:.1f} s) | exact {exact_s:7.1f} s "
-          f"({'measured' if len(rows) == n else f'scaled from {len(rows)} rows'}) | exact/hnswlib "
+    what = f"ivf (probe {probe})" if index == "ivf" else "hnswlib"
+    print(f"N={n:>7} d={dim} threads={threads or 'all'} exact on {device}: {what} {hnsw_s:7.1f} s (build {built:.1f} s) | exact {exact_s:7.1f} s "
+          f"({'measured' if len(rows) == n else f'scaled from {len(rows)} rows'}) | exact/{what} "
           f"{exact_s / hnsw_s:5.2f}x | recall SIMILAR {sim:.3f} CONFLICT {con:.3f}", flush=True)
 
 
@@ -101,13 +106,16 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="hnswlib and torch threads (0: all cores)")
     parser.add_argument("--device", default="cpu", help="exact search device (cpu, cuda)")
     parser.add_argument("--exact-only", action="store_true", help="time exact search over all rows, no hnswlib")
+    parser.add_argument("--index", choices=["hnsw", "ivf"], default="hnsw", help="the approximate search timed")
+    parser.add_argument("--probe", type=int, default=8, help="ivf cells probed per query")
     args = parser.parse_args()
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
     for n in args.n:
-        knn_case(n, args.dim, args.k, args.sample, args.exact_sample, args.threads, args.device, args.exact_only)
+        knn_case(n, args.dim, args.k, args.sample, args.exact_sample, args.threads, args.device, args.exact_only,
+                 args.index, args.probe)
     if args.neo4j_n:
         neo4j_case(args.neo4j_n, args.dim, args.k)
 

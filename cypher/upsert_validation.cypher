@@ -1,4 +1,5 @@
-// One :Validation per validation example, with its plain-gradient vector in the graph's feature space.
+// One :Validation per validation example, with its plain-gradient vector in the graph's feature space
+// (float32 bytes, like a :Sample's).
 UNWIND $rows AS row
 MERGE (v:Validation {id: row.id})
 SET v.task = row.task,
@@ -10,6 +11,5 @@ SET v.task = row.task,
     v.preview = row.preview,
     v.space = $space,
     v.gradient_f32 = row.gradient_f32
-WITH v, row
-CALL db.create.setNodeVectorProperty(v, 'gradient', row.gradient)
+REMOVE v.gradient
 RETURN count(*) AS written

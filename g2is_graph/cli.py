@@ -102,6 +102,10 @@ class Context:
     def graph(self, start_local: bool = True) -> Graph:
         return Graph.connect(self.connection(), self.server_config(), start_local=start_local, echo=self.echo)
 
+    def local_server(self) -> LocalServer | None:
+        """The project-managed server when no URI is configured (a large first build imports into it offline)."""
+        return LocalServer(self.server_config()) if self.connection().uri is None else None
+
 
 class G2isGroup(click.Group):
     """Turns known errors into one line and an exit code."""
@@ -486,7 +490,7 @@ def graph_build(obj: Context, stores, state_dir, validation_stores, **flags) -> 
     config = obj.build(cfg.GraphConfig, "graph", **flags)
     with obj.graph() as graph:
         result = build_graph(graph, stores, config, state_dir, validation_stores, echo=obj.echo,
-                             progress=not obj.quiet)
+                             progress=not obj.quiet, server=obj.local_server())
     click.echo(result.summary())
 
 
@@ -522,7 +526,7 @@ def ingest(obj: Context, records, model_spec, checkpoints, features, projector_k
     with obj.graph() as graph:
         check_state_against_database(graph, state_dir)  # before hours of featurising for the wrong graph
         result = build_graph(graph, featurise().stores, config, state_dir, validation_stores, echo=obj.echo,
-                             progress=not obj.quiet)
+                             progress=not obj.quiet, server=obj.local_server())
     click.echo(result.summary())
 
 

@@ -93,6 +93,10 @@ class ServerConfig(Settings):
     browser: bool = opt(False, "also serve Neo4j Browser over HTTP on loopback (`g2is neo4j start --browser`)")
     browser_version: str = opt(NEO4J_BROWSER_VERSION, "org.neo4j.client:neo4j-browser version")
     http_port: int = opt(7474, "the Browser's HTTP port, used when free; otherwise a free port is chosen")
+    import_heap: str = opt("2g", "JVM heap of `neo4j-admin database import` (a first build of an empty database)")
+    import_off_heap: str = opt("2g", "off-heap memory the importer may use (its default, 90% of free RAM, is "
+                                     "unkind to a shared machine)")
+    import_threads: int = opt(2, "importer threads")
 
     def check(self) -> None:
         if not 1 <= self.port <= 65535:
@@ -105,6 +109,9 @@ class ServerConfig(Settings):
 
     def resolved_browser_dir(self) -> Path:
         return cache_home() / f"neo4j-browser-{self.browser_version}"
+
+    def resolved_import_jar_dir(self) -> Path:
+        return cache_home() / f"neo4j-{self.version}" / "import-lib"
 
 
 BOLT_SCHEMES = ("bolt", "bolt+s", "bolt+ssc", "neo4j", "neo4j+s", "neo4j+ssc")
@@ -486,6 +493,10 @@ class GraphConfig(Settings):
     SECTION = "graph"
     k: int = opt(16, "neighbours per node in each list")
     exact: bool = opt(False, "blocked matrix products instead of hnswlib (small pools, recall measurement)")
+    index: Literal["hnsw", "ivf"] = opt("hnsw", "approximate search when not exact: hnswlib, or an inverted file "
+                                               "(k-means cells searched exhaustively, exact re-ranking)")
+    ivf_cells: int = opt(0, "ivf: number of k-means cells; 0: sqrt(N)")
+    ivf_probe: int = opt(8, "ivf: cells searched per query and list")
     m: int = opt(16, "hnswlib M")
     ef_construction: int = opt(200, "hnswlib ef at construction")
     ef: int = opt(128, "hnswlib ef of the SIMILAR query")
@@ -494,6 +505,9 @@ class GraphConfig(Settings):
     similar_candidates: int = opt(64, "SIMILAR candidates re-ranked by exact cosine (when the index holds a sketch)")
     index_dim: int = opt(0, ">0: the hnswlib index holds a JL sketch of this many dims (faster, lower recall)")
     recall_sample: int = opt(512, "nodes checked against exact search on every hnswlib build")
+    bulk_import_from: int = opt(50_000, "a first build of at least this many nodes into an empty database of the "
+                                        "project-managed server goes through `neo4j-admin database import` "
+                                        "(server restarted); 0: always through transactions")
     node_batch: int = opt(200, "nodes per write transaction (each carries its vector)")
     edge_batch: int = opt(1000, "source nodes per edge transaction (k edges each, per kind)")
     threads: int = opt(0, "hnswlib threads; 0: all cores")
@@ -508,6 +522,10 @@ class GraphConfig(Settings):
             raise ConfigError("[graph] k must be positive and ef, ef_negative, ef_construction at least k")
         if self.negative_candidates < self.k:
             raise ConfigError("[graph] negative_candidates must be at least k")
+        if self.ivf_cells < 0 or self.ivf_probe < 1:
+            raise ConfigError("[graph] ivf_cells must be >= 0 and ivf_probe >= 1")
+        if self.bulk_import_from < 0:
+            raise ConfigError("[graph] bulk_import_from must be >= 0")
         if min(self.node_batch, self.edge_batch, self.recall_sample) <= 0:
             raise ConfigError("[graph] node_batch, edge_batch and recall_sample must be positive")
         if self.lock_wait_s < 0 or self.heartbeat_s <= 0 or self.lock_stale_s < 2 * self.heartbeat_s:
@@ -567,9 +585,6 @@ class SelectionConfig(Settings):
             raise ConfigError("[select] n_components must be positive")
         if self.component_fraction is not None and not 0 < self.component_fraction <= 1:
             raise ConfigError("[select] component_fraction must be in (0, 1]")
-        if self.center_pool and self.candidates == "all":
-            raise ConfigError("[select] center_pool walks the SIMILAR candidates: use it with candidates=neighbors "
-                              "(the server ranks `all` candidates by uncentred cosine)")
 
 
 @dataclass(frozen=True)

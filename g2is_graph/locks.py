@@ -18,6 +18,8 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -222,6 +224,22 @@ class DatabaseLock:
             if not held:
                 self.lost = True
                 return
+
+    @contextmanager
+    def suspended(self) -> Iterator[None]:
+        """While the database is replaced under this lock (the offline import, server stopped): no heartbeat;
+        afterwards the lock is taken again in the new database, or the writer stops (LockLost)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=self.heartbeat_s)
+            self._thread = None
+        yield
+        if not self._try(None)["acquired"]:
+            self.lost = True
+            self.check()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="g2is-lock-heartbeat", daemon=True)
+        self._thread.start()
 
     def check(self) -> None:
         """Refuse to go on once another writer took the lock over."""

@@ -38,11 +38,13 @@ def warmup(pool: Sequence[str | Path], model: str | Path, out_dir: Path, config,
     return run_warmup(list(pool), model, out_dir, config, data, echo, progress)
 
 
-def build_graph(graph, train_stores, config, state_dir: Path, validation_stores=(), echo=print, progress: bool = True):
-    """The graph stage: feature stores -> :Sample nodes, SIMILAR / CONFLICT edges, validation dots."""
+def build_graph(graph, train_stores, config, state_dir: Path, validation_stores=(), echo=print, progress: bool = True,
+                server=None):
+    """The graph stage: feature stores -> :Sample nodes, SIMILAR / CONFLICT edges, validation dots; `server`
+    the project-managed server (a large first build is imported offline), None for one reached by URI."""
     from ingest import graph_build
 
-    return graph_build.build_graph(graph, train_stores, config, state_dir, validation_stores, echo, progress)
+    return graph_build.build_graph(graph, train_stores, config, state_dir, validation_stores, echo, progress, server)
 
 
 @dataclass

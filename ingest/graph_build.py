@@ -9,7 +9,9 @@ A build computes, then writes. Its state lives in a directory next to the stores
     neighbors-B.npz each node's SIMILAR and CONFLICT lists of build B (row indices and raw cosines)
     lock            held (flock) by the one process that may change this directory
 
-Writes are MERGEs (nodes by id; edges by syncing each source's list exactly), so any write can be
+A large first build into an empty database of the project-managed server is written by Neo4j's offline
+importer instead (`import_write`: parquet files, the server restarted); everything else goes through
+transactions. Writes are MERGEs (nodes by id; edges by syncing each source's list exactly), so any write can be
 repeated: an interrupted build, or one whose server died, is re-run and ends in the same graph. One
 writer at a time: the state directory's lock, and the graph's write lock in the database (a :GraphLock
 node with a heartbeat). What the database holds is checked on every build, never assumed: the
@@ -35,11 +37,12 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from g2is_graph.config import GraphConfig, ProjectorConfig, to_jsonable
-from g2is_graph.db.graph import Graph, GraphError, validation_basis
+from g2is_graph.db.graph import Graph, GraphError, validation_basis, validation_key
+from g2is_graph.db.server import LocalServer
 from g2is_graph.errors import hinted
 from g2is_graph.files import atomic_write_json
 from g2is_graph.locks import DatabaseLock, FileLock
-from g2is_graph.neighbors.knn import HnswIndex, Neighbors, exact_topk, measure_recall
+from g2is_graph.neighbors.knn import HnswIndex, Neighbors, exact_topk, ivf_neighbors, measure_recall
 from g2is_graph.provenance import check_saved, provenance
 from g2is_graph.selection.diagnostics import pool_cosine_stats
 from g2is_graph.store.features import FeatureStore, StoreError
@@ -54,7 +57,7 @@ from g2is_graph.store.space import (
 
 STATE_FORMAT = "g2is-graph-state-v2"  # v2: exact float64 edge weights, ties by id
 # settings that shape the edges: a state built with other values cannot be extended
-SHAPING = ("k", "exact", "m", "ef_construction", "ef", "ef_negative", "negative_candidates", "similar_candidates",
+SHAPING = ("k", "exact", "index", "ivf_cells", "ivf_probe", "m", "ef_construction", "ef", "ef_negative", "negative_candidates", "similar_candidates",
            "index_dim", "seed")
 
 
@@ -72,6 +75,7 @@ class BuildResult:
     up_to_date: bool = False
     n_validation: int = 0
     n_dots: int = 0  # nodes given dot products with the validation vectors
+    import_summary: str = ""  # neo4j-admin's summary when the write went through the offline importer
 
     def summary(self) -> str:
         if self.up_to_date:
@@ -205,6 +209,8 @@ def compute_neighbors(old: Neighbors | None, vectors: np.ndarray, n_old: int, co
     if old is None or old.similar_index.shape[1] < k:  # first build, or k was capped by a tiny graph
         if config.exact:
             lists = exact_topk(vectors, vectors, k, exclude=np.arange(n), device=config.device, keys=keys)
+        elif config.index == "ivf":
+            lists = ivf_neighbors(vectors, vectors, np.arange(n), k, config, keys)
         else:
             index = HnswIndex.build(vectors, config)
             lists = index.query(vectors, vectors, np.arange(n), k, keys)
@@ -214,6 +220,9 @@ def compute_neighbors(old: Neighbors | None, vectors: np.ndarray, n_old: int, co
         fresh = exact_topk(newcomers, vectors, k, exclude=new_rows, device=config.device, keys=keys)
         among_new = exact_topk(vectors[:n_old], newcomers, min(k, len(newcomers)), device=config.device,
                                keys=keys[n_old:])
+    elif config.index == "ivf":
+        fresh = ivf_neighbors(newcomers, vectors, new_rows, k, config, keys)
+        among_new = ivf_neighbors(vectors[:n_old], newcomers, None, min(k, len(newcomers)), config, keys[n_old:])
     else:
         index.add(newcomers, n_old)
         fresh = index.query(newcomers, vectors, new_rows, k, keys)
@@ -229,15 +238,21 @@ def compute_neighbors(old: Neighbors | None, vectors: np.ndarray, n_old: int, co
     return lists, index, np.concatenate([changed, new_rows])
 
 
-def _node_rows(state: GraphState, vectors: np.ndarray, rows: Sequence[int]) -> Iterator[dict[str, Any]]:
-    """Node properties, one row at a time (a node's vector as a Python list is ~75 bytes per float)."""
+def _meta_rows(state: GraphState) -> list[dict[str, Any]]:
+    """Each node's record row (id, source, line, ...), from the stores' row maps (no chunk is read)."""
     meta_rows = []
     for segment in state.data["segments"]:
-        store_rows = FeatureStore(segment["stores"][0]).rows()  # the row map only: no chunk is read
+        store_rows = FeatureStore(segment["stores"][0]).rows()
         meta_rows.extend(store_rows[i] for i in segment["taken"])
+    return meta_rows
+
+
+def _node_rows(state: GraphState, vectors: np.ndarray, rows: Sequence[int]) -> Iterator[dict[str, Any]]:
+    """Node properties, one row at a time (the vector once, as float32 bytes)."""
+    meta_rows = _meta_rows(state)
     keep = ("id", "source_file", "line", "dataset", "content_hash", "n_tokens", "n_loss_tokens", "preview")
     for r in rows:
-        yield {**{key: meta_rows[r].get(key) for key in keep}, "row": int(r), "gradient": vectors[r].tolist(),
+        yield {**{key: meta_rows[r].get(key) for key in keep}, "row": int(r),
                "gradient_f32": vectors[r].astype("<f4").tobytes()}
 
 
@@ -294,17 +309,20 @@ def write_locks(graph: Graph, state_dir: Path, config: GraphConfig, echo) -> Ite
 
 def build_graph(graph: Graph, train_stores: Sequence[str | Path], config: GraphConfig,
                 state_dir: str | Path | None = None, validation_stores: Sequence[str | Path] = (),
-                echo=print, progress: bool = True) -> BuildResult:
-    """Add the stores' examples to the graph (first build or incremental) and write what the database lacks."""
+                echo=print, progress: bool = True, server: LocalServer | None = None) -> BuildResult:
+    """Add the stores' examples to the graph (first build or incremental) and write what the database lacks.
+    `server`: the project-managed server `graph` is connected to, which a large first build into an empty
+    database replaces offline (`neo4j-admin database import`); None for a server reached by URI."""
     stores = open_stores(train_stores)
     space = space_of(stores)
     state_dir = Path(state_dir) if state_dir else stores[0].path.parent / "graph"
     with write_locks(graph, state_dir, config, echo) as lock:
-        return _build_locked(graph, stores, space, config, state_dir, validation_stores, lock, echo, progress)
+        return _build_locked(graph, stores, space, config, state_dir, validation_stores, lock, echo, progress, server)
 
 
 def _build_locked(graph: Graph, stores: list[FeatureStore], space: FeatureSpace, config: GraphConfig, state_dir: Path,
-                  validation_stores: Sequence[str | Path], lock: DatabaseLock, echo, progress: bool) -> BuildResult:
+                  validation_stores: Sequence[str | Path], lock: DatabaseLock, echo, progress: bool,
+                  server: LocalServer | None = None) -> BuildResult:
     timings: dict[str, float] = {}
     started = time.perf_counter()
     state = GraphState.open(state_dir, space, config)
@@ -326,7 +344,13 @@ def _build_locked(graph: Graph, stores: list[FeatureStore], space: FeatureSpace,
     if plan is not None:
         if plan.reason:
             echo(f"writing all {state.n} nodes and their edges: {plan.reason}")
-        _write(graph, state, space, config, result, progress, lock, lists, plan)
+        why_not = bulk_import_refusal(graph, server, state, config, plan, recorded)
+        if why_not is None:
+            import_write(graph, server, state, space, config, result, lock, lists, validation_stores, echo, progress)
+        else:
+            if why_not:
+                echo(f"writing {state.n} nodes through transactions: {why_not}")
+            _write(graph, state, space, config, result, progress, lock, lists, plan)
         after = plan_write(graph, state, space, check_graph_space(graph, space.id), lists)
         if after is not None and plan.incremental:  # the previous build was damaged where this one left it alone
             echo(f"writing all {state.n} nodes and their edges: {after.reason}")
@@ -480,7 +504,7 @@ def _add_segment(state: GraphState, stores, segment_key: list[str], config: Grap
     timings["load"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     index = None
-    if not config.exact and n_old:
+    if not config.exact and config.index == "hnsw" and n_old:
         index = state.load_index(vectors[:n_old], config, len(vectors), echo)
     keys = id_keys(state.data["ids"] + [rows[i]["id"] for i in taken])
     lists, index, changed = compute_neighbors(old, vectors, n_old, config, index, keys)
@@ -491,7 +515,8 @@ def _add_segment(state: GraphState, stores, segment_key: list[str], config: Grap
         t0 = time.perf_counter()
         state.data["recall"] = measure_recall(vectors, lists, config.recall_sample, config.seed, config.device)
         timings["recall"] = time.perf_counter() - t0
-        index.save(state.index_path(build))
+        if index is not None:  # hnswlib; the ivf cells are trained anew on each build
+            index.save(state.index_path(build))
     else:
         state.data["recall"] = None
     lists.save(state.dir / f"neighbors-{build}.npz")
@@ -526,12 +551,7 @@ def _write(graph: Graph, state: GraphState, space: FeatureSpace, config: GraphCo
     t_con = _timed_write(graph, "sync_conflict", _edge_rows(ids, lists.conflict_index, lists.conflict_weight, edges, True),
                          len(edges), config.edge_batch, "node", progress)
     lock.check()
-    graph.write("merge_feature_space", props=space.node_properties() | {
-        "build": state.data["build"], "n_samples": state.n, "k": k, "exact": config.exact,
-        "config": json.dumps(to_jsonable(config), sort_keys=True),
-        "recall_similar": (state.data.get("recall") or {}).get("similar"),
-        "recall_conflict": (state.data.get("recall") or {}).get("conflict"),
-        "pool_cosines": json.dumps(pool_cosine_stats(vectors, seed=config.seed))}, status="complete")
+    mark_complete(graph, state, space, config, k, vectors)
     result.n_changed = len(edges)
     result.seconds.update(write_nodes=t_nodes, write_similar=t_sim, write_conflict=t_con)
     if nodes and t_nodes > 0:
@@ -541,9 +561,119 @@ def _write(graph: Graph, state: GraphState, space: FeatureSpace, config: GraphCo
         result.write_rates["relationships"] = (k * len(edges) + n_conflict) / (t_sim + t_con)
 
 
-def write_validation(graph: Graph, space: FeatureSpace, validation_stores: Sequence[str | Path],
-                     config: GraphConfig, progress: bool) -> int:
-    """:Validation nodes (plain gradients of the same checkpoints, combined with the same weights)."""
+def mark_complete(graph: Graph, state: GraphState, space: FeatureSpace, config: GraphConfig, k: int,
+                  vectors: np.ndarray) -> None:
+    """The :FeatureSpace node names this state's build as completely written (the build's commit in the database)."""
+    graph.write("merge_feature_space", props=space.node_properties() | {
+        "build": state.data["build"], "n_samples": state.n, "k": k, "exact": config.exact,
+        "state_id": state.graph_id, "state_dir": str(state.dir.resolve()), "writing_build": state.data["build"],
+        "config": json.dumps(to_jsonable(config), sort_keys=True),
+        "recall_similar": (state.data.get("recall") or {}).get("similar"),
+        "recall_conflict": (state.data.get("recall") or {}).get("conflict"),
+        "pool_cosines": json.dumps(pool_cosine_stats(vectors, seed=config.seed))}, status="complete")
+
+
+def bulk_import_refusal(graph: Graph, server: LocalServer | None, state: GraphState, config: GraphConfig,
+                        plan: WritePlan, recorded: dict[str, Any] | None) -> str | None:
+    """None when this write goes through the offline importer: a first write of at least `bulk_import_from`
+    nodes into an empty database of the project-managed server. Otherwise why not ("" when the rule does
+    not ask for it: small or incremental writes)."""
+    if not config.bulk_import_from or state.n < config.bulk_import_from or plan.incremental or plan.reason:
+        return ""
+    if server is None or server.status().uri != graph.uri:
+        return ("the offline importer (neo4j-admin database import) runs only on the project-managed local "
+                "server, and this database is reached by URI")
+    others = graph.read("database_nodes")[0]["n"]
+    if recorded is not None or others:
+        return f"the database holds {others} other nodes, and the offline importer replaces a whole database"
+    return None
+
+
+def import_write(graph: Graph, server: LocalServer, state: GraphState, space: FeatureSpace, config: GraphConfig,
+                 result: BuildResult, lock: DatabaseLock, lists: Neighbors, validation_stores: Sequence[str | Path],
+                 echo, progress: bool, chunk: int = 20_000) -> None:
+    """Every node and edge of the state through `neo4j-admin database import full`: parquet files in the
+    state directory (written a row group at a time), the server stopped, the database replaced, the server
+    started, the schema applied and the lock taken again, then the :FeatureSpace node marked complete.
+    Killed before that mark, the database holds nodes but no complete build, and the re-run rewrites it
+    through transactions (the importer only ever writes an empty database)."""
+    from g2is_graph.db.bulk import byte_rows, edge_writer, sample_writer, write_edges
+
+    files = state.dir / "import"
+    files.mkdir(exist_ok=True)
+    for stale in files.glob("*.parquet"):
+        stale.unlink()
+    started = time.perf_counter()
+    vectors = state.vectors()
+    ids = np.asarray(state.data["ids"], dtype=object)
+    meta = _meta_rows(state)
+    dots_basis, dots_key = _import_validation_basis(space, validation_stores, vectors.shape[1])
+    keep = ("source_file", "line", "dataset", "content_hash", "n_tokens", "n_loss_tokens", "preview")
+    parts = [np.arange(i, min(i + chunk, state.n)) for i in range(0, state.n, chunk)]
+    with tqdm(total=state.n, unit="node", desc="import files", disable=not progress) as bar, \
+            sample_writer(files / "samples.parquet") as nodes:
+        for part in parts:
+            columns = {key: [meta[r].get(key) for r in part] for key in keep}
+            columns.update(id=ids[part], label=["Sample"] * len(part), space=[space.id] * len(part), row=part,
+                           gradient_f32=byte_rows(vectors[part], "<f4"))
+            if dots_basis is not None:
+                columns.update(validation_key=[dots_key] * len(part),
+                               validation_dots=byte_rows(vectors[part].astype(np.float64) @ dots_basis, "<f8"))
+            else:
+                columns.update(validation_key=[None] * len(part), validation_dots=_null_bytes(len(part)))
+            nodes.write(columns)
+            bar.update(len(part))
+    with edge_writer(files / "similar.parquet") as similar:
+        n_similar = write_edges(similar, "SIMILAR", ids, lists.similar_index, lists.similar_weight, parts)
+    with edge_writer(files / "conflict.parquet") as conflict:
+        n_conflict = write_edges(conflict, "CONFLICT", ids, lists.conflict_index, lists.conflict_weight, parts, True)
+    result.seconds["import_files"] = time.perf_counter() - started
+    echo(f"importing {state.n} nodes and {n_similar + n_conflict} relationships with neo4j-admin (the server "
+         f"restarts)")
+    started = time.perf_counter()
+    edge_files = [f for f, n in ((files / "similar.parquet", n_similar), (files / "conflict.parquet", n_conflict)) if n]
+    with lock.suspended():
+        status, summary = server.replace_database(graph.database, [files / "samples.parquet"], edge_files, echo)
+        result.seconds["import"] = time.perf_counter() - started
+        started = time.perf_counter()
+        graph.reopen(status.uri)
+        graph.init_schema()  # the constraints and indexes, built over the imported nodes
+    result.seconds["restart_and_schema"] = time.perf_counter() - started
+    for stale in files.glob("*.parquet"):
+        stale.unlink()
+    lock.check()
+    k = lists.similar_index.shape[1]
+    mark_complete(graph, state, space, config, k, vectors)
+    result.n_changed = state.n
+    result.import_summary = summary
+    written = result.seconds["import_files"] + result.seconds["import"]
+    result.write_rates["nodes (import)"] = state.n / written
+    result.write_rates["relationships (import)"] = (n_similar + n_conflict) / written
+
+
+def _null_bytes(n: int):
+    import pyarrow as pa
+
+    return pa.nulls(n, type=pa.large_list(pa.int8()))
+
+
+def _import_validation_basis(space: FeatureSpace, validation_stores: Sequence[str | Path],
+                             dim: int) -> tuple[np.ndarray | None, str]:
+    """The validation basis and key (`validation_basis` of the database once `write_validation` has run) when
+    this build brings validation stores, so the import carries every node's dot products; (None, "") otherwise
+    (then `write_validation_dots` writes them through transactions)."""
+    if not validation_stores:
+        return None, ""
+    payload, vectors = _validation_payload(space, validation_stores)
+    order = sorted(range(len(payload)), key=lambda i: (payload[i]["task"], payload[i]["id"]))
+    if len(order) >= dim:
+        return None, ""
+    records = [payload[i] for i in order]
+    ordered = vectors[order]
+    return ordered.astype(np.float64).T, validation_key(records, ordered)
+
+
+def _validation_payload(space: FeatureSpace, validation_stores: Sequence[str | Path]):
     stores = open_stores(validation_stores)
     check_in_space(space, stores, "validation")
     if stores[0].meta["gradient"].get("kind") == "adam":
@@ -552,9 +682,16 @@ def write_validation(graph: Graph, space: FeatureSpace, validation_stores: Seque
     rows = stores[0].rows()
     payload = [{"id": r["id"], "task": r.get("task") or r.get("dataset") or "default", "subtask": r.get("subtask"),
                 "dataset": r.get("dataset"), "source_file": r["source_file"], "line": r["line"],
-                "content_hash": r["content_hash"], "preview": r.get("preview"), "gradient": vectors[i].tolist(),
+                "content_hash": r["content_hash"], "preview": r.get("preview"),
                 "gradient_f32": vectors[i].astype("<f4").tobytes()}
                for i, r in enumerate(rows)]
+    return payload, vectors
+
+
+def write_validation(graph: Graph, space: FeatureSpace, validation_stores: Sequence[str | Path],
+                     config: GraphConfig, progress: bool) -> int:
+    """:Validation nodes (plain gradients of the same checkpoints, combined with the same weights)."""
+    payload, _ = _validation_payload(space, validation_stores)
     _timed_write(graph, "upsert_validation", iter(payload), len(payload), config.node_batch, "example", progress,
                  space=space.id)
     return len(payload)

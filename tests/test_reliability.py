@@ -31,7 +31,7 @@ INJECTIONS = [
 
 def graph_checksum(graph: Graph) -> str:
     nodes = graph._run_auto("MATCH (s:Sample) RETURN s.id AS id, s.content_hash AS h, s.row AS row, "
-                            "s.gradient AS g ORDER BY s.id")
+                            "s.gradient_f32 AS g ORDER BY s.id")
     edges = graph._run_auto("MATCH (a:Sample)-[e]->(b:Sample) RETURN type(e) AS t, a.id AS a, b.id AS b, "
                             "e.weight AS w, e.rank AS r ORDER BY t, a, b")
     space = graph._run_auto("MATCH (f:FeatureSpace) RETURN f.id AS id, f.build AS build, f.status AS status, "
@@ -231,7 +231,7 @@ def test_transient_errors_are_retried_and_written_once(graph, monkeypatch):
     from neo4j.exceptions import TransientError
 
     rows = [{"id": f"t{i}", "source_file": "f", "line": i, "dataset": "d", "content_hash": f"h{i}", "n_tokens": 1,
-             "n_loss_tokens": 1, "preview": "p", "row": i, "gradient": [1.0, 0.0], "gradient_f32": b"\0" * 8}
+             "n_loss_tokens": 1, "preview": "p", "row": i, "gradient_f32": b"\0" * 8}
             for i in range(3)]
     real_run = ManagedTransaction.run
     attempts = {"n": 0}

@@ -20,6 +20,22 @@ def clustered_vectors(n: int, dim: int, clusters: int = 50, spread: float = 0.5,
     return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
 
 
+def clustered_rows(n: int, dim: int, clusters: int = 50, spread: float = 0.5, seed: int = 0,
+                   chunk: int = 65536) -> np.ndarray:
+    """`clustered_vectors`' distribution (half the centres mirrored), generated a chunk at a time in float32
+    so that making the pool does not cost several times its size in memory."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((clusters, dim), dtype=np.float32)
+    centres[clusters // 2:] = -centres[: clusters - clusters // 2]
+    out = np.empty((n, dim), dtype=np.float32)
+    for start in range(0, n, chunk):
+        stop = min(n, start + chunk)
+        part = centres[rng.integers(0, clusters, size=stop - start)]
+        part += spread * rng.standard_normal((stop - start, dim), dtype=np.float32)
+        out[start:stop] = part / np.linalg.norm(part, axis=1, keepdims=True)
+    return out
+
+
 def synthetic_rows(n: int, prefix: str = "s", dataset: str = "synthetic", start: int = 0,
                    task: str | None = None) -> list[dict[str, Any]]:
     return [{"id": f"{prefix}{i}", "source_file": f"{dataset}.jsonl", "line": i + 1, "dataset": dataset,

@@ -91,10 +91,24 @@ class Graph:
 
         self.uri = uri
         self.database = database
+        self._auth = auth
         self._driver = GraphDatabase.driver(uri, auth=auth, max_transaction_retry_time=MAX_RETRY_TIME_S,
                                             connection_acquisition_timeout=MAX_RETRY_TIME_S,
                                             notifications_min_severity="OFF")
         self._schema_ready = False
+
+    def reopen(self, uri: str) -> None:
+        """Connect anew after the server was restarted (perhaps on another port) and its database replaced
+        (the offline import): the schema is applied again."""
+        from neo4j import GraphDatabase
+
+        self._driver.close()
+        self.uri = uri
+        self._driver = GraphDatabase.driver(uri, auth=self._auth, max_transaction_retry_time=MAX_RETRY_TIME_S,
+                                            connection_acquisition_timeout=MAX_RETRY_TIME_S,
+                                            notifications_min_severity="OFF")
+        self._schema_ready = False
+        self.wait_until_available()
 
     @classmethod
     def connect(cls, conn: ConnectionConfig | None = None, server: ServerConfig | None = None,
@@ -213,8 +227,11 @@ class Graph:
 
 
 # -- vectors as the database holds them --------------------------------------------------------
-# Nodes carry their vector as `gradient_f32`: little-endian float32 bytes. The graph build writes them and
-# reads validation vectors back; the walk and the baselines read node vectors; both go through these.
+# Nodes carry their vector once, as `gradient_f32`: little-endian float32 bytes (4 d bytes per node). Bolt
+# moves bytes without a per-float decode: reading a node's vector as a float[] property took 2.2x (1024 dims)
+# to 3.9x (8192 dims) as long (docs/decisions.md, issue 19). Cypher decodes them exactly with the expression
+# in cypher/pair_cosine.cypher (README: vectors in Cypher). The graph build writes them and reads validation
+# vectors back; the walk and the baselines read node vectors; all go through these.
 def decode_vectors(records, key: str = "gradient") -> np.ndarray:
     """Rows of `gradient_f32` bytes (little-endian float32) as a [n, d] array."""
     if not records:

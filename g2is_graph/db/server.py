@@ -65,6 +65,11 @@ POM_TEMPLATE = """<project xmlns="http://maven.apache.org/POM/4.0.0">
 </project>
 """
 DEFAULT_USER = "neo4j"
+# runtime dependencies of the parquet input of `neo4j-admin database import` that neo4j 5.26's Maven artifacts
+# do not pull in (found by running the importer: each one's absence is a NoClassDefFoundError)
+IMPORT_ARTIFACTS = ("com.fasterxml.woodstox:woodstox-core:7.1.0", "org.codehaus.woodstox:stax2-api:4.2.2",
+                    "org.apache.commons:commons-collections4:4.4",
+                    "org.apache.hadoop.thirdparty:hadoop-shaded-guava:1.4.0")
 
 
 @dataclass(frozen=True)
@@ -157,27 +162,46 @@ class LocalServer:
 
     def ensure_browser_jar(self, echo=print) -> Path:
         """Fetch the Neo4j Browser jar with Maven once; the directory appears only when complete."""
-        target = self.config.resolved_browser_dir()
-        if (target / ".complete").exists():
-            return target
-        if shutil.which("mvn") is None:
-            raise ServerError("Maven (mvn) is not installed: it is needed once to fetch the Neo4j Browser jar")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        artifact = f"org.neo4j.client:neo4j-browser:{self.config.browser_version}"
-        echo(f"fetching {artifact} from Maven Central into {target} (first run only)")
-        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-            staging = Path(tmp) / "lib"
-            cmd = ["mvn", "-B", "-q", f"org.apache.maven.plugins:maven-dependency-plugin:{MAVEN_DEPENDENCY_PLUGIN}:copy",
-                   f"-Dartifact={artifact}", f"-DoutputDirectory={staging}"]
-            done = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp)
-            if done.returncode != 0 or not list(staging.glob("*.jar")):
+        return _fetch_artifacts([f"org.neo4j.client:neo4j-browser:{self.config.browser_version}"],
+                                self.config.resolved_browser_dir(), "the Neo4j Browser jar", echo)
+
+    def ensure_import_jars(self, echo=print) -> Path:
+        """The jars `neo4j-admin database import --input-type=parquet` needs beyond the server's (the parquet
+        reader's runtime dependencies, which the Community artifacts leave to the distribution), fetched
+        with Maven once like the server's."""
+        return _fetch_artifacts(list(IMPORT_ARTIFACTS), self.config.resolved_import_jar_dir(),
+                                "the jars of Neo4j's parquet importer", echo)
+
+    def replace_database(self, database: str, nodes: list[Path], relationships: list[Path],
+                         echo=print) -> tuple[ServerStatus, str]:
+        """Stop the server, replace `database` by the parquet files with `neo4j-admin database import full`
+        (offline), start it again; all under the start/stop lock, so no command starts the server on the
+        store while the importer writes it. Returns the new status and the importer's summary lines."""
+        java = Path(self.config.java)
+        if not java.exists():
+            raise ServerError(f"Java 17 not found at {java}; set [server] java in g2is.toml (Neo4j 5.26 needs Java 17)")
+        jars = self.ensure_jars(echo)
+        extra = self.ensure_import_jars(echo)  # before the server stops: a failed fetch leaves it running
+        with self._lock().acquire(self.config.start_timeout_s + self.config.stop_timeout_s + 30, echo):
+            self._stop_locked()
+            if self._server_process() is not None:
+                raise ServerError(f"the server in {self.home} did not stop: a full import needs it stopped")
+            report = self.home / "logs" / "import.report"
+            cmd = [str(java), f"-Xmx{self.config.import_heap}", *JVM_FLAGS, "-cp", f"{jars}/*:{extra}/*", ADMIN_TOOL,
+                   "database", "import", "full", "--input-type=parquet", "--overwrite-destination",
+                   f"--max-off-heap-memory={self.config.import_off_heap}", f"--threads={self.config.import_threads}",
+                   f"--report-file={report}", "--bad-tolerance=0", "--skip-duplicate-nodes=false",
+                   *[f"--nodes={p}" for p in nodes], *[f"--relationships={p}" for p in relationships], "--", database]
+            env = {**os.environ, "NEO4J_HOME": str(self.home), "NEO4J_CONF": str(self.home / "conf")}
+            done = subprocess.run(cmd, env=env, cwd=self.home, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+            if done.returncode != 0:
                 tail = "\n".join((done.stdout + done.stderr).splitlines()[-15:])
-                raise ServerError(f"Maven could not fetch {artifact}:\n{tail}")
-            (staging / ".complete").write_text(self.config.browser_version + "\n")
-            if target.exists():
-                shutil.rmtree(target)
-            staging.rename(target)
-        return target
+                raise ServerError(f"neo4j-admin database import failed (exit {done.returncode}); the database "
+                                  f"{database} is left as the importer left it (see {report}):\n{tail}")
+            summary = "\n".join(line.strip() for line in done.stdout.splitlines()
+                                if line.strip().startswith(("IMPORT DONE", "Imported:", "Peak memory")))
+            status = self._launch(echo)
+        return status, summary
 
     def browser_conf(self, http_port: int) -> dict[str, str]:
         """The HTTP connector on loopback only, and no telemetry from the Browser."""
@@ -309,19 +333,22 @@ class LocalServer:
         if not self.home.exists():
             return self.status()
         with self._lock().acquire(self.config.start_timeout_s + self.config.stop_timeout_s + 30):
-            process = self._server_process()
-            if process is not None:
-                _signal(process, signal.SIGTERM)
-                deadline = time.monotonic() + self.config.stop_timeout_s
-                while process.alive() and time.monotonic() < deadline:
-                    time.sleep(0.2)
-                if process.alive():
-                    _signal(process, signal.SIGKILL)
-                    while process.alive():
-                        time.sleep(0.1)
-            if self._server_process() is None:
-                self.pid_file.unlink(missing_ok=True)
+            self._stop_locked()
             return self.status()
+
+    def _stop_locked(self) -> None:
+        process = self._server_process()
+        if process is not None:
+            _signal(process, signal.SIGTERM)
+            deadline = time.monotonic() + self.config.stop_timeout_s
+            while process.alive() and time.monotonic() < deadline:
+                time.sleep(0.2)
+            if process.alive():
+                _signal(process, signal.SIGKILL)
+                while process.alive():
+                    time.sleep(0.1)
+        if self._server_process() is None:
+            self.pid_file.unlink(missing_ok=True)
 
     def kill(self) -> None:
         """SIGKILL our server at once (fault-injection tests)."""
@@ -427,6 +454,32 @@ class LocalServer:
         except AuthError as exc:
             raise ServerError(f"the server in {self.home} rejects both the stored and the default password; "
                               f"remove {self.home / 'data'} to reset it") from exc
+
+
+def _fetch_artifacts(artifacts: list[str], target: Path, what: str, echo) -> Path:
+    """Copy Maven artifacts into `target` once; the directory appears only when every jar is there, and a
+    failure names what could not be fetched (no fallback: the caller needs these jars)."""
+    if (target / ".complete").exists():
+        return target
+    if shutil.which("mvn") is None:
+        raise ServerError(f"Maven (mvn) is not installed: it is needed once to fetch {what}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    echo(f"fetching {what} from Maven Central into {target} (first run only)")
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        staging = Path(tmp) / "lib"
+        for artifact in artifacts:
+            cmd = ["mvn", "-B", "-q", f"org.apache.maven.plugins:maven-dependency-plugin:{MAVEN_DEPENDENCY_PLUGIN}:copy",
+                   f"-Dartifact={artifact}", f"-DoutputDirectory={staging}"]
+            done = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp)
+            jar = f"{artifact.split(':')[1]}-{artifact.split(':')[-1]}.jar"
+            if done.returncode != 0 or not (staging / jar).exists():
+                tail = "\n".join((done.stdout + done.stderr).splitlines()[-15:])
+                raise ServerError(f"Maven could not fetch {artifact} ({what}):\n{tail}")
+        (staging / ".complete").write_text("\n".join(artifacts) + "\n")
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+    return target
 
 
 def lock_holder(path: Path) -> int | None:

@@ -245,6 +245,105 @@ def _rerank(queries: np.ndarray, base: np.ndarray, rows: np.ndarray, found: np.n
     return out_index, out_weight
 
 
+def ivf_neighbors(queries: np.ndarray, base: np.ndarray, rows: np.ndarray | None, k: int, config: GraphConfig,
+                  keys: np.ndarray | None = None) -> Neighbors:
+    """Both lists by an inverted file: spherical k-means cells over `base` (seeded, trained on a sample),
+    each query searched exhaustively (blocked float32 products) in the `ivf_probe` cells whose centroids are
+    most similar to it (SIMILAR) and in the `ivf_probe` least similar (CONFLICT: the cells nearest -q);
+    the best k + MARGIN candidates are then ranked by exact cosine like every other path. Cost per query
+    is ~ probe * N / cells * d instead of N d; recall is what the probed cells hold, measured per build."""
+    base = np.ascontiguousarray(base, dtype=np.float32)
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    n, nq = len(base), len(queries)
+    own = np.full(nq, -1, dtype=np.int64) if rows is None else np.asarray(rows, dtype=np.int64)
+    k = min(k, n - (0 if rows is None else 1))
+    cells = config.ivf_cells or max(1, int(round(np.sqrt(n))))
+    cells = min(cells, max(1, n // (4 * (k + MARGIN))))  # cells of a few lists' worth of rows at least
+    probe = min(cells, config.ivf_probe)
+    centroids = _spherical_kmeans(base, cells, config.seed)
+    base_t, cent_t = torch.from_numpy(base), torch.from_numpy(centroids)
+    assign = np.empty(n, dtype=np.int64)
+    for start in range(0, n, 8192):
+        assign[start:start + 8192] = torch.argmax(base_t[start:start + 8192] @ cent_t.T, dim=1).numpy()
+    members = np.argsort(assign, kind="stable")
+    bounds = np.searchsorted(assign[members], np.arange(cells + 1))
+    wanted = min(k + MARGIN, n - (0 if rows is None else 1))
+    search = min(n, wanted + (0 if rows is None else 1))  # one more: a query's own row is dropped after the search
+    error = float32_dot_error(base.shape[1], float(np.linalg.norm(base, axis=1).max(initial=0.0)) * 1.0001)
+    q_error = error * np.linalg.norm(queries, axis=1) * 1.0001
+    queries_t = torch.from_numpy(queries)
+    keys = np.arange(n) if keys is None else np.asarray(keys)
+    out = []
+    for largest in (True, False):
+        probes = np.empty((nq, probe), dtype=np.int64)
+        for start in range(0, nq, 8192):
+            scores = queries_t[start:start + 8192] @ cent_t.T
+            probes[start:start + 8192] = torch.topk(scores, probe, dim=1, largest=largest).indices.numpy()
+        best_score = torch.full((nq, search), -torch.inf if largest else torch.inf)
+        best_index = torch.full((nq, search), -1, dtype=torch.int64)
+        flat = probes.reshape(-1)
+        by_cell = np.argsort(flat, kind="stable")
+        cell_bounds = np.searchsorted(flat[by_cell], np.arange(cells + 1))
+        for cell in range(cells):
+            asking = torch.from_numpy(by_cell[cell_bounds[cell]:cell_bounds[cell + 1]] // probe)
+            inside_t = torch.from_numpy(members[bounds[cell]:bounds[cell + 1]])
+            if not len(asking) or not len(inside_t):
+                continue
+            top = torch.topk(float32_cosines(queries_t[asking], base_t[inside_t]), min(search, len(inside_t)),
+                             dim=1, largest=largest)
+            merged_score = torch.cat([best_score[asking], top.values], dim=1)
+            merged_index = torch.cat([best_index[asking], inside_t[top.indices]], dim=1)
+            keep = torch.topk(merged_score, search, dim=1, largest=largest).indices
+            best_score[asking] = torch.gather(merged_score, 1, keep)
+            best_index[asking] = torch.gather(merged_index, 1, keep)
+        found = best_index.numpy()
+        if rows is not None:  # drop each query's own row (or, where it was not found, the last candidate)
+            is_own = found == own[:, None]
+            drop = np.where(is_own.any(axis=1), is_own.argmax(axis=1), search - 1)
+            kept_cols = np.ones(found.shape, dtype=bool)
+            kept_cols[np.arange(nq), drop] = False
+            found = found[kept_cols].reshape(nq, search - 1)
+            score = best_score.numpy()[kept_cols].reshape(nq, search - 1)
+        else:
+            score = best_score.numpy()
+        short = np.flatnonzero((found < 0).any(axis=1))
+        found[short] = 0  # placeholders: the probed cells held fewer than k + MARGIN rows, see below
+        index = np.empty((nq, k), dtype=np.int64)
+        weight = np.empty((nq, k), dtype=np.float64)
+        every = torch.arange(found.shape[1]).expand(min(nq, 4096), -1)
+        for start in range(0, nq, 4096):
+            stop = min(nq, start + 4096)
+            index[start:stop], weight[start:stop] = _exact_top(
+                queries[start:stop], base, torch.from_numpy(score[start:stop]), every[:stop - start], k, largest,
+                keys, q_error[start:stop], found[start:stop], own[start:stop])
+        if len(short):  # those queries are searched exactly
+            exact = exact_topk(queries[short], base, k, exclude=None if rows is None else own[short], device="cpu",
+                               keys=keys)
+            index[short] = exact.similar_index if largest else exact.conflict_index
+            weight[short] = exact.similar_weight if largest else exact.conflict_weight
+        out += [index, weight]
+    return Neighbors(*out)
+
+
+def _spherical_kmeans(base: np.ndarray, cells: int, seed: int, iterations: int = 8,
+                      sample_per_cell: int = 64) -> np.ndarray:
+    """Unit centroids of `cells` cells, trained on a seeded sample of rows (empty cells re-seeded)."""
+    rng = np.random.default_rng([seed, cells])
+    sample = base[np.sort(rng.choice(len(base), size=min(len(base), cells * sample_per_cell), replace=False))]
+    centroids = sample[rng.choice(len(sample), size=cells, replace=False)].copy()
+    sample_t = torch.from_numpy(sample)
+    for _ in range(iterations):
+        labels = torch.cat([torch.argmax(sample_t[i:i + 8192] @ torch.from_numpy(centroids).T, dim=1)
+                            for i in range(0, len(sample), 8192)]).numpy()
+        sums = np.zeros_like(centroids)
+        np.add.at(sums, labels, sample)
+        empty = np.flatnonzero(np.bincount(labels, minlength=cells) == 0)
+        sums[empty] = sample[rng.choice(len(sample), size=len(empty), replace=False)]
+        centroids = sums / np.maximum(np.linalg.norm(sums, axis=1, keepdims=True), 1e-30)
+        centroids = centroids.astype(np.float32)
+    return centroids
+
+
 def recall(approx: np.ndarray, exact: np.ndarray) -> float:
     """Mean fraction of each row's exact neighbours that the approximate list contains."""
     k = exact.shape[1]

@@ -291,7 +291,7 @@ def export_run(graph: Graph, run_id: str, fmt: str, out_dir: str | Path, data: D
     name = name or f"g2is_{run_id}".replace("-", "_")
     source_root = Path(source_root or ".").resolve()
     records, lines, picks = selected_records(graph, run_id, data, source_root)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir.mkdir(parents=True, exist_ok=True)  # the atomic writes create no parents
     files: dict[str, str] = {}
     notes: list[str] = []
     if data.template == "tulu":

@@ -16,7 +16,7 @@ import numpy as np
 
 from g2is_graph.config import SelectionConfig
 from g2is_graph.db.graph import decode_vectors, validation_basis, vector_pages
-from g2is_graph.numerics import exact_descending, exact_dot_error, exact_matvec, float64_dot_error, unit_filter_error
+from g2is_graph.numerics import exact_dot_error, exact_matvec, float64_dot_error
 from g2is_graph.selection.admission import Selected, WalkResult, best_by_k, center_rows, column_sums, order_by_cos
 from g2is_graph.selection.knowledge import Component
 from g2is_graph.selection.walk import Node, gradient_walk
@@ -146,26 +146,30 @@ class Neo4jSource:
             yield float(cos[pos]), nodes[pos]
 
     def _all_unselected(self, last: Node, selected: Selected):
-        """(exact cos to `last`, node) of every unselected node, best first (ties by row): the server ranks
-        by its own cosine and sends pages; exact cosines decide the order, a page at a time as needed.
-        The server's similarity is (1 + cos) / 2 from float32 arithmetic of its own; its bound is taken
-        as twice this side's, doubled again for the rescaling."""
-        error = 4 * unit_filter_error(len(last.vector))
-
-        def pages():
-            skip = 0
-            while True:
-                records = self._read("walk_candidates_all", space=self.space, vector=last.vector.tolist(),
-                                     excluded=selected.ids, skip=skip, limit=self.config.page)
-                if not records:
-                    return
-                vectors = decode_vectors(records)
-                nodes = [Node(r["id"], r["row"], vector, [], r["conflicts"]) for r, vector in zip(records, vectors)]
-                approx = np.asarray([2 * r["weight"] - 1 for r in records])
-                yield approx, [z.row for z in nodes], exact_matvec(vectors, last.vector), nodes
-                skip += self.config.page
-
-        return exact_descending(pages(), error)
+        """(exact cos to `last`, node) of every unselected node, best first (ties by row): one streamed pass
+        over the vectors computes every exact cosine (memory: one page and N scores), then the nodes are
+        fetched in that order a page at a time as the walk asks for them. The stored vectors are bytes, which
+        the server cannot rank by (docs/decisions.md, issue 19); the literal walk is O(N d) per step anyway."""
+        ids: list[str] = []
+        rows, scores = [], []
+        for records, vectors in vector_pages(self._read, self.space, self.config.page):
+            keep = [i for i, r in enumerate(records) if r["id"] not in selected.id_set]
+            if not keep:
+                continue
+            if self.mean is not None:
+                vectors = center_rows(vectors, self.mean)
+            ids += [records[i]["id"] for i in keep]
+            rows.append(np.asarray([records[i]["row"] for i in keep]))
+            scores.append(exact_matvec(vectors[keep], last.vector))
+        if not ids:
+            return
+        rows_all, cos = np.concatenate(rows), np.concatenate(scores)
+        order = np.lexsort((rows_all, -cos))
+        for start in range(0, len(order), self.config.page):
+            part = order[start:start + self.config.page]
+            nodes = self.cache.get([ids[i] for i in part], [])
+            for i in part:
+                yield float(cos[i]), nodes[ids[i]]
 
     def stored_conflict(self, node: Node, selected: Selected, scope_ids) -> str | None:
         if self.mean is not None:

@@ -147,6 +147,70 @@ def less_picks(train: np.ndarray, validation: np.ndarray, groups: list[str], ids
             for rank, (r, v) in enumerate(zip(rows, values))]
 
 
+class PagedScores:
+    """Float32 scores of every node against a few vectors, from one paged read of the graph (memory: a page
+    of vectors plus N scores per vector, never N d), and the exact re-scoring of the few nodes whose scores
+    decide a ranking, read back by id. The baselines rank a million nodes this way without holding them."""
+
+    def __init__(self, graph: Graph, space: SpaceInfo, against: np.ndarray, page: int = 2000):
+        self.graph = graph
+        against32 = np.asarray(against, dtype=np.float32)
+        self.ids: list[str] = []
+        rows, scores, self.max_norm = [], [], 0.0
+        for records, vectors in vector_pages(graph.read, space.id, page):
+            self.ids += [r["id"] for r in records]
+            rows.append([r["row"] for r in records])
+            scores.append(vectors @ against32.T)
+            self.max_norm = max(self.max_norm, float(np.linalg.norm(vectors, axis=1).max(initial=0.0)))
+        self.rows = np.concatenate(rows) if rows else np.empty(0, dtype=np.int64)
+        if not np.array_equal(np.sort(self.rows), np.arange(space.n_samples)):
+            raise hinted(GraphError(f"space {space.id}: node rows are not 0..{space.n_samples - 1}"),
+                         "re-run `g2is graph build` with the graph's --state: it rewrites what the database lacks")
+        self.scores = np.concatenate(scores) if scores else np.empty((0, len(against32)), dtype=np.float32)
+
+    def vectors(self, positions: np.ndarray) -> np.ndarray:
+        """The vectors at `positions` (of this pass's order), read by id."""
+        wanted = [self.ids[p] for p in positions]
+        found = {}
+        for start in range(0, len(wanted), 2000):
+            records = self.graph.read("sample_vectors", ids=wanted[start:start + 2000])
+            found.update(zip([r["id"] for r in records], decode_vectors(records)))
+        return np.stack([found[i] for i in wanted]) if wanted else np.empty((0, 0), dtype=np.float32)
+
+
+def less_picks_paged(graph: Graph, space: SpaceInfo, validation: np.ndarray, groups: list[str], n: int) -> list[Pick]:
+    """`less_picks` over the graph without loading it: the same exact scores and ranking (ties by row)."""
+    groups_arr = np.asarray(groups)
+    means = [validation[groups_arr == name].astype(np.float64).mean(axis=0) for name in sorted(set(groups))]
+    paged = PagedScores(graph, space, np.stack(means))
+    approx = paged.scores.max(axis=1)
+    scale = paged.max_norm * max(np.linalg.norm(m) for m in means) * 1.001
+    error = float32_dot_error(space.dim, scale) + 4 * FLOAT32_UNIT * scale
+    found, values = top_exact(approx, error, n, lambda pos: np.max(
+        [exact_matvec(paged.vectors(pos), mean) for mean in means], axis=0), keys=paged.rows)
+    return [Pick(rank + 1, paged.ids[p], int(paged.rows[p]), 0, rank, "score", cos_k=float(v))
+            for rank, (p, v) in enumerate(zip(found, values))]
+
+
+def no_graph_picks_paged(graph: Graph, space: SpaceInfo, components: list[Component]) -> list[Pick]:
+    """`no_graph_picks` over the graph without loading it: the same exact scores and picks."""
+    paged = PagedScores(graph, space, np.stack([c.vector for c in components]))
+    free = np.ones(len(paged.ids), dtype=bool)
+    error = unit_filter_error(space.dim)
+    picks: list[Pick] = []
+    for ci, comp in enumerate(components):
+        positions = np.flatnonzero(free)
+        best, values = top_exact(paged.scores[positions, ci], error, comp.budget,
+                                 lambda pos: exact_matvec(paged.vectors(positions[pos]), comp.vector),
+                                 keys=paged.rows[positions])
+        for step, (pos, value) in enumerate(zip(best, values)):
+            p = int(positions[pos])
+            free[p] = False
+            picks.append(Pick(len(picks) + 1, paged.ids[p], int(paged.rows[p]), ci, step, "score",
+                              cos_k=float(value)))
+    return picks
+
+
 def random_picks(ids: list[str], n: int, seed: int) -> list[Pick]:
     rows = np.random.default_rng(seed).choice(len(ids), size=n, replace=False)
     return [Pick(rank + 1, ids[r], int(r), 0, rank, "random") for rank, r in enumerate(rows)]
@@ -258,14 +322,11 @@ def _select(graph: Graph, config: SelectionConfig, space: SpaceInfo, n: int, run
         ids = [r["id"] for r in graph.read("space_ids", space=space.id)]
         picks = random_picks(ids, n, config.seed)
     else:
-        vectors, nodes = load_vectors(graph, space)
-        ids = [node["id"] for node in nodes]
-        timings["load"] = time.perf_counter() - started
         if config.method == "no-graph":
-            picks = no_graph_picks(vectors, ids, components)
+            picks = no_graph_picks_paged(graph, space, components)
         elif config.method == "less":
             validation, records = load_validation(graph, space, config.tasks)
-            picks = less_picks(vectors, validation, [r["subtask"] or r["task"] for r in records], ids, n)
+            picks = less_picks_paged(graph, space, validation, [r["subtask"] or r["task"] for r in records], n)
         else:
             raise ConfigError(f"method {config.method!r} needs sample texts; run it through g2is_graph.selection.embedding")
     timings["select"] = time.perf_counter() - started - timings.get("components", 0.0)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from g2is_graph.db.graph import Graph, GraphUnavailable, cypher, statements
+from g2is_graph.db.graph import Graph, GraphUnavailable, cypher, decode_vectors, statements
 from g2is_graph.db.server import _free_port
 
 
@@ -13,7 +13,7 @@ def sample_rows(vectors: np.ndarray, prefix: str = "s") -> list[dict]:
     return [
         {"id": f"{prefix}{i}", "source_file": "pool.jsonl", "line": i + 1, "dataset": "unit",
          "content_hash": f"h{i}", "n_tokens": 10 + i, "n_loss_tokens": 3, "preview": f"text {i}",
-         "row": i, "gradient": vec.tolist()}
+         "row": i, "gradient_f32": vec.astype("<f4").tobytes()}
         for i, vec in enumerate(vectors)
     ]
 
@@ -28,27 +28,29 @@ def test_schema_is_idempotent_and_creates_constraints(graph: Graph):
     assert {"sample_content_hash", "similar_weight", "conflict_weight"} <= indexes
 
 
-def test_vectors_round_trip_8192_dims_as_float32(graph: Graph):
+def test_vectors_round_trip_8192_dims_as_float32_stored_once(graph: Graph):
     rng = np.random.default_rng(0)
     vectors = rng.standard_normal((3, 8192)).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    graph._run_auto("CREATE (:Sample {id: 's0', gradient: [1.0, 2.0]})")  # the second copy an older g2is wrote
     written = graph.write("upsert_samples", rows=sample_rows(vectors), space="test-space")
     assert written[0]["written"] == 3
-    back = {r["id"]: np.asarray(r["gradient"]) for r in graph.read("sample_vectors", ids=["s0", "s1", "s2"])}
+    back = dict(zip(["s0", "s1", "s2"], decode_vectors(graph.read("sample_vectors", ids=["s0", "s1", "s2"]))))
     for i in range(3):
         assert back[f"s{i}"].shape == (8192,)
-        np.testing.assert_array_equal(back[f"s{i}"].astype(np.float32), vectors[i])
-    # setNodeVectorProperty stores float32: float64 input comes back rounded to float32
-    exact = np.full((1, 8192), 0.1, dtype=np.float64)
-    graph.write("upsert_samples", rows=sample_rows(exact, prefix="f"), space="test-space")
-    stored = np.asarray(graph.read("sample_vectors", ids=["f0"])[0]["gradient"])
-    assert stored[0] != 0.1 and stored[0] == float(np.float32(0.1))
+        np.testing.assert_array_equal(back[f"s{i}"], vectors[i])
+    keys = graph._run_auto("MATCH (s:Sample {id: 's0'}) RETURN keys(s) AS k")[0]["k"]
+    assert "gradient_f32" in keys and "gradient" not in keys  # one copy of the vector
 
 
-def test_vector_similarity_cosine_is_shifted_and_matches_numpy(graph: Graph):
+def test_vector_similarity_cosine_in_cypher_decodes_the_stored_bytes(graph: Graph):
+    """pair_cosine decodes the stored float32 bytes in plain Cypher (zeros, negative zero and subnormals
+    included), so Cypher's vector.similarity.cosine applies to the one stored copy."""
     rng = np.random.default_rng(1)
-    vectors = rng.standard_normal((2, 8192)).astype(np.float32)
+    vectors = rng.standard_normal((2, 256)).astype(np.float32)
     vectors[1] = -0.7 * vectors[0] + 0.3 * vectors[1]  # a clearly negative cosine
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    vectors[0, :4] = [0.0, -0.0, np.float32(1e-40), np.float32(-3e-39)]
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     graph.write("upsert_samples", rows=sample_rows(vectors), space="test-space")
     row = graph.read("pair_cosine", a="s0", b="s1")[0]

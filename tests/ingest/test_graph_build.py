@@ -12,7 +12,7 @@ import torch
 
 from g2is_graph.config import GraphConfig
 from g2is_graph.data.synthetic import clustered_vectors, synthetic_rows, synthetic_store
-from g2is_graph.db.graph import Graph, GraphError
+from g2is_graph.db.graph import Graph, GraphError, decode_vectors
 from g2is_graph.neighbors import knn
 from g2is_graph.neighbors.knn import exact_topk
 from g2is_graph.numerics import float32_dot_error
@@ -31,7 +31,7 @@ def edge_set(graph: Graph) -> set[tuple]:
 
 def node_set(graph: Graph) -> set[tuple]:
     rows = graph._run_auto("MATCH (s:Sample) RETURN s.id AS id, s.content_hash AS h, s.space AS space, "
-                           "s.gradient[0] AS g0, s.source_file AS f, s.line AS line, s.row AS row")
+                           "s.gradient_f32 AS g, s.source_file AS f, s.line AS line, s.row AS row")
     return {tuple(r.values()) for r in rows}
 
 
@@ -55,7 +55,7 @@ def test_exact_build_writes_nodes_and_the_exact_edges(graph, pool, tmp_path):
         conflict = graph.read("conflict_of", id=f"s{i}")
         assert [r["id"] for r in conflict] == [f"s{j}" for j in exact.conflict_index[i]]
         assert all(r["weight"] < 0 for r in conflict)
-    stored = np.asarray(graph.read("sample_vectors", ids=["s7"])[0]["gradient"], dtype=np.float32)
+    stored = decode_vectors(graph.read("sample_vectors", ids=["s7"]))[0]
     np.testing.assert_array_equal(stored, vectors[7])
     space = graph.read("feature_space")[0]
     assert space["id"] == result.space_id and space["status"] == "complete" and space["n_samples"] == 60

@@ -10,7 +10,7 @@ import torch
 
 from g2is_graph.config import GraphConfig
 from g2is_graph.neighbors import knn
-from g2is_graph.neighbors.knn import HnswIndex, conflict_recall, exact_topk, measure_recall, recall
+from g2is_graph.neighbors.knn import HnswIndex, conflict_recall, exact_topk, ivf_neighbors, measure_recall, recall
 from g2is_graph.numerics import exact_dots, float32_dot_error
 
 
@@ -118,6 +118,21 @@ def test_hnsw_recall_of_both_edge_kinds_at_the_defaults():
     np.testing.assert_array_equal(found.similar_weight, exact_dots(x[found.similar_index], x[:, None, :]))
     both = np.isin(found.similar_index, exact.similar_index).all(1)
     np.testing.assert_array_equal(found.similar_weight[both], exact.similar_weight[both])
+
+
+def test_ivf_probing_every_cell_is_the_exact_search_and_fewer_cells_keep_recall():
+    x = clustered(1200, 64)
+    keys = np.random.default_rng(1).permutation(len(x))
+    exact = exact_topk(x, x, 8, exclude=np.arange(len(x)), keys=keys)
+    every = ivf_neighbors(x, x, np.arange(len(x)), 8, GraphConfig(index="ivf", ivf_cells=9, ivf_probe=9), keys)
+    for field in exact.__dataclass_fields__:  # bit for bit: the same exact weights, the same tie order
+        np.testing.assert_array_equal(getattr(every, field), getattr(exact, field))
+    some = ivf_neighbors(x, x, np.arange(len(x)), 8, GraphConfig(index="ivf", ivf_cells=9, ivf_probe=3), keys)
+    assert (some.similar_index != np.arange(len(x))[:, None]).all()  # never a node's own row
+    assert recall(some.similar_index, exact.similar_index) >= 0.9
+    # queries from outside the base (an incremental build's old rows against the newcomers)
+    outside = ivf_neighbors(x[:50], x[50:], None, 8, GraphConfig(index="ivf", ivf_cells=4, ivf_probe=4))
+    np.testing.assert_array_equal(outside.similar_index, exact_topk(x[:50], x[50:], 8).similar_index)
 
 
 def test_conflict_recall_counts_only_the_negative_pairs_that_become_edges():

@@ -51,11 +51,7 @@ def test_graph_walk_equals_dense_reference_on_a_complete_graph(graph, tmp_path, 
     for config in OPTION_SETS:
         config = dataclasses.replace(config, seed=seed)
         walked = select(graph, config, None, progress=False, echo=lambda m: None)
-        # on a complete graph every SIMILAR list holds every other node, so the literal "all unselected" is the
-        # same candidate set; center_pool configs cannot say `all` (the server ranks those uncentred), and read
-        # the complete lists instead
-        literal = config if config.center_pool else dataclasses.replace(config, candidates="all")
-        reference = reference_for_graph(graph, literal)
+        reference = reference_for_graph(graph, dataclasses.replace(config, candidates="all"))
         assert picks_of(walked.walk) == picks_of(reference), config
         np.testing.assert_allclose([p.cos_k for p in walked.picks], [p.cos_k for p in reference.picks], atol=1e-9)
         assert walked.walk.filled == reference.filled

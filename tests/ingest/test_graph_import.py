@@ -1,0 +1,91 @@
+"""The first build through `neo4j-admin database import` against a real server of its own: the imported graph
+equals the one transactions write (nodes, vectors, dots, edges, the walk's picks), an incremental ingest on
+it stays transactional and idempotent, and a missing importer is a clear error with the server left running."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from g2is_graph.config import GraphConfig, SelectionConfig, ServerConfig
+from g2is_graph.data.synthetic import clustered_vectors, synthetic_rows, synthetic_store
+from g2is_graph.db.graph import Graph
+from g2is_graph.db.server import LocalServer, _free_port
+from g2is_graph.errors import ServerError
+from g2is_graph.selection.runs import select
+from ingest.graph_build import build_graph
+
+TRANSACTIONS = GraphConfig(k=5, exact=True, device="cpu", bulk_import_from=0)
+IMPORT = dataclasses.replace(TRANSACTIONS, bulk_import_from=1)
+
+
+def everything(graph: Graph) -> dict[str, set]:
+    nodes = graph._run_auto("MATCH (s:Sample) RETURN s.id AS id, properties(s) AS p")
+    edges = graph._run_auto("MATCH (a:Sample)-[e]->(b:Sample) RETURN type(e) AS kind, a.id AS a, b.id AS b, "
+                            "e.weight AS w, e.rank AS rank")
+    validation = graph._run_auto("MATCH (v:Validation) RETURN v.id AS id, properties(v) AS p")
+    space = graph._run_auto("MATCH (f:FeatureSpace) RETURN f.build AS build, f.status AS status, f.n_samples AS n")
+    return {"nodes": {(r["id"], tuple(sorted((k, repr(v)) for k, v in r["p"].items()))) for r in nodes},
+            "edges": {tuple(r.values()) for r in edges},
+            "validation": {(r["id"], tuple(sorted((k, repr(v)) for k, v in r["p"].items()))) for r in validation},
+            "space": {tuple(r.values()) for r in space}}
+
+
+@pytest.fixture(scope="module")
+def own_server(tmp_path_factory):
+    server = LocalServer(ServerConfig(state_dir=tmp_path_factory.mktemp("import-server"), port=_free_port(),
+                                      auth=False, heap="512m", pagecache="128m", import_heap="512m",
+                                      import_off_heap="256m"))
+    server.start(echo=lambda m: None)
+    yield server
+    server.stop()
+
+
+def stores(tmp_path, n: int = 90, extra: int = 25, dim: int = 32):
+    vectors = clustered_vectors(n + extra, dim, clusters=5, spread=0.8, seed=11)
+    first = synthetic_store(tmp_path / "a" / "c", vectors[:n], synthetic_rows(n))
+    second = synthetic_store(tmp_path / "b" / "c", vectors[n:], synthetic_rows(extra, start=n))
+    rng = np.random.default_rng(5)
+    val = vectors[rng.choice(n, 4, replace=False)] + 0.2 * rng.standard_normal((4, dim)).astype(np.float32)
+    validation = synthetic_store(tmp_path / "v" / "c", val, synthetic_rows(4, prefix="v", task="t"), kind="sgd")
+    return first.path, second.path, validation.path
+
+
+def test_imported_first_build_equals_transactions_and_extends_transactionally(graph, own_server, tmp_path):
+    first, second, validation = stores(tmp_path)
+    build_graph(graph, [first], TRANSACTIONS, tmp_path / "tx", [validation], echo=lambda m: None, progress=False)
+    said = []
+    with Graph(own_server.status().uri) as imported:
+        result = build_graph(imported, [first], IMPORT, tmp_path / "imp", [validation], echo=said.append,
+                             progress=False, server=own_server)
+        assert any("neo4j-admin" in line for line in said) and "IMPORT DONE" in result.import_summary
+        assert result.n_dots == 0  # the dot products came with the import
+        assert not list((tmp_path / "imp" / "import").glob("*.parquet"))  # the import files are removed
+        assert everything(imported) == everything(graph)
+        config = SelectionConfig(n_select=12)
+        walked = [select(g, config, None, progress=False, echo=lambda m: None).walk for g in (graph, imported)]
+        assert [p.id for p in walked[0].picks] == [p.id for p in walked[1].picks]
+        # an incremental ingest on the imported graph: transactions (the database is not empty), same graph
+        for g, state, server in ((graph, "tx", None), (imported, "imp", own_server)):
+            build_graph(g, [second], IMPORT if server else TRANSACTIONS, tmp_path / state, echo=said.append,
+                        progress=False, server=server)
+        assert sum("neo4j-admin" in line for line in said) == 1
+        assert everything(imported) == everything(graph)
+        again = build_graph(imported, [second], IMPORT, tmp_path / "imp", echo=said.append, progress=False,
+                            server=own_server)
+        assert again.up_to_date
+
+
+def test_a_missing_importer_is_a_clear_error_and_the_server_keeps_running(own_server, tmp_path, monkeypatch):
+    first, _, _ = stores(tmp_path)
+    config = dataclasses.replace(own_server.config, jar_dir=own_server.jar_dir)
+    monkeypatch.setenv("G2IS_CACHE", str(tmp_path / "empty-cache"))  # no importer jars cached ...
+    monkeypatch.setenv("PATH", str(tmp_path / "no-bin"))  # ... and no Maven to fetch them
+    server = LocalServer(config)
+    with Graph(server.status().uri) as g:
+        g.clear()
+        with pytest.raises(ServerError, match="Maven .* to fetch the jars of Neo4j's parquet importer"):
+            build_graph(g, [first], IMPORT, tmp_path / "state", echo=lambda m: None, progress=False, server=server)
+        assert server.status().state == "running" and g.counts()["samples"] == 0
