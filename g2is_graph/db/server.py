@@ -180,6 +180,10 @@ class LocalServer:
         java = Path(self.config.java)
         if not java.exists():
             raise ServerError(f"Java 17 not found at {java}; set [server] java in g2is.toml (Neo4j 5.26 needs Java 17)")
+        folder = {Path(p).resolve().parent for p in [*nodes, *relationships]}
+        if len(folder) != 1:
+            raise ServerError("the import files must lie in one folder (the importer is given their names)")
+        folder = folder.pop()
         jars = self.ensure_jars(echo)
         extra = self.ensure_import_jars(echo)  # before the server stops: a failed fetch leaves it running
         with self._lock().acquire(self.config.start_timeout_s + self.config.stop_timeout_s + 30, echo):
@@ -191,11 +195,15 @@ class LocalServer:
                    "database", "import", "full", "--input-type=parquet", "--overwrite-destination",
                    f"--max-off-heap-memory={self.config.import_off_heap}", f"--threads={self.config.import_threads}",
                    f"--report-file={report}", "--bad-tolerance=0", "--skip-duplicate-nodes=false",
-                   *[f"--nodes={p}" for p in nodes], *[f"--relationships={p}" for p in relationships], "--", database]
+                   *[f"--nodes={p.name}" for p in nodes], *[f"--relationships={p.name}" for p in relationships], "--",
+                   database]
             env = {**os.environ, "NEO4J_HOME": str(self.home), "NEO4J_CONF": str(self.home / "conf")}
-            done = subprocess.run(cmd, env=env, cwd=self.home, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+            # file names, not paths: the importer reads `=` and `,` in --nodes/--relationships values as its own
+            # separators, so a folder named like `x=y` would break an absolute path
+            done = subprocess.run(cmd, env=env, cwd=folder, capture_output=True, text=True, stdin=subprocess.DEVNULL)
             if done.returncode != 0:
                 tail = "\n".join((done.stdout + done.stderr).splitlines()[-15:])
+                self._launch(echo)  # the server comes back whatever the importer did; the error says what
                 raise ServerError(f"neo4j-admin database import failed (exit {done.returncode}); the database "
                                   f"{database} is left as the importer left it (see {report}):\n{tail}")
             summary = "\n".join(line.strip() for line in done.stdout.splitlines()

@@ -58,22 +58,23 @@ def test_imported_first_build_equals_transactions_and_extends_transactionally(gr
     build_graph(graph, [first], TRANSACTIONS, tmp_path / "tx", [validation], echo=lambda m: None, progress=False)
     said = []
     with Graph(own_server.status().uri) as imported:
-        result = build_graph(imported, [first], IMPORT, tmp_path / "imp", [validation], echo=said.append,
+        # a state folder with the importer's own separators in its name (`=` between labels and files, `,`)
+        result = build_graph(imported, [first], IMPORT, tmp_path / "imp=1,a", [validation], echo=said.append,
                              progress=False, server=own_server)
         assert any("neo4j-admin" in line for line in said) and "IMPORT DONE" in result.import_summary
         assert result.n_dots == 0  # the dot products came with the import
-        assert not list((tmp_path / "imp" / "import").glob("*.parquet"))  # the import files are removed
+        assert not list((tmp_path / "imp=1,a" / "import").glob("*.parquet"))  # the import files are removed
         assert everything(imported) == everything(graph)
         config = SelectionConfig(n_select=12)
         walked = [select(g, config, None, progress=False, echo=lambda m: None).walk for g in (graph, imported)]
         assert [p.id for p in walked[0].picks] == [p.id for p in walked[1].picks]
         # an incremental ingest on the imported graph: transactions (the database is not empty), same graph
-        for g, state, server in ((graph, "tx", None), (imported, "imp", own_server)):
+        for g, state, server in ((graph, "tx", None), (imported, "imp=1,a", own_server)):
             build_graph(g, [second], IMPORT if server else TRANSACTIONS, tmp_path / state, echo=said.append,
                         progress=False, server=server)
         assert sum("neo4j-admin" in line for line in said) == 1
         assert everything(imported) == everything(graph)
-        again = build_graph(imported, [second], IMPORT, tmp_path / "imp", echo=said.append, progress=False,
+        again = build_graph(imported, [second], IMPORT, tmp_path / "imp=1,a", echo=said.append, progress=False,
                             server=own_server)
         assert again.up_to_date
 
