@@ -180,10 +180,10 @@ class LocalServer:
         java = Path(self.config.java)
         if not java.exists():
             raise ServerError(f"Java 17 not found at {java}; set [server] java in g2is.toml (Neo4j 5.26 needs Java 17)")
-        folder = {Path(p).resolve().parent for p in [*nodes, *relationships]}
-        if len(folder) != 1:
+        folders = {Path(p).resolve().parent for p in [*nodes, *relationships]}
+        if len(folders) != 1:
             raise ServerError("the import files must lie in one folder (the importer is given their names)")
-        folder = folder.pop()
+        folder = folders.pop()
         jars = self.ensure_jars(echo)
         extra = self.ensure_import_jars(echo)  # before the server stops: a failed fetch leaves it running
         with self._lock().acquire(self.config.start_timeout_s + self.config.stop_timeout_s + 30, echo):
