@@ -20,12 +20,14 @@ def sample_rows(vectors: np.ndarray, prefix: str = "s") -> list[dict]:
 
 def test_schema_is_idempotent_and_creates_constraints(graph: Graph):
     graph.init_schema()
+    graph._run_auto("CREATE INDEX similar_weight IF NOT EXISTS FOR ()-[e:SIMILAR]-() ON (e.weight)")  # older g2is
     graph._schema_ready = False
     graph.init_schema()
     names = {r["name"] for r in graph._run_auto("SHOW CONSTRAINTS YIELD name")}
     assert {"sample_id", "validation_id", "run_id", "featurespace_id"} <= names
     indexes = {r["name"] for r in graph._run_auto("SHOW INDEXES YIELD name")}
-    assert {"sample_content_hash", "similar_weight", "conflict_weight"} <= indexes
+    assert "sample_content_hash" in indexes
+    assert not {"similar_weight", "conflict_weight"} & indexes  # unused by any query, 8.5% of the store
 
 
 def test_vectors_round_trip_8192_dims_as_float32_stored_once(graph: Graph):
