@@ -39,7 +39,9 @@ LESS_QUOTED = "| LESS's own code on this class of machine (bs 1, TRAK CPU projec
               "| 0.151 | 1.0x | 10.6-14.6 GiB | 0.981 / 0.985 |"
 # name -> extra `g2is gradients` flags
 RUNS = {"default": [], "sparse-float32": ["--projector", "sparse", "--autocast", "float32"],
-        "sparse-bfloat16": ["--projector", "sparse", "--autocast", "bfloat16"]}
+        "sparse-bfloat16": ["--projector", "sparse", "--autocast", "bfloat16"],
+        "model-bfloat16": ["--projector", "sparse", "--dtype", "bfloat16", "--autocast", "float32"],
+        "batch-2": ["--batch-size", "2"]}
 
 
 def g2is(args: list[str], log: Path) -> tuple[float, int]:
