@@ -55,6 +55,8 @@ from g2is_graph.store.space import (
     space_of,
 )
 
+# recall below which a build says its approximate lists are not to be trusted (the goals of issue 19)
+RECALL_GOALS = {"SIMILAR": 0.95, "CONFLICT": 0.90}
 STATE_FORMAT = "g2is-graph-state-v2"  # v2: exact float64 edge weights, ties by id
 # settings that shape the edges: a state built with other values cannot be extended
 SHAPING = ("k", "exact", "index", "ivf_cells", "ivf_probe", "m", "ef_construction", "ef", "ef_negative", "negative_candidates", "similar_candidates",
@@ -86,6 +88,13 @@ class BuildResult:
             conflict = self.recall["conflict"]
             parts.append(f"recall vs exact on {self.recall['sample']} nodes: SIMILAR {self.recall['similar']:.3f}, "
                          f"CONFLICT {'n/a (no negative cosine in the sample)' if conflict is None else f'{conflict:.3f}'}")
+            low = [f"{name} {value:.3f} < {RECALL_GOALS[name]}" for name, value
+                   in (("SIMILAR", self.recall["similar"]), ("CONFLICT", conflict))
+                   if value is not None and value < RECALL_GOALS[name]]
+            if low:
+                parts.append(f"warning: approximate search recall {', '.join(low)} (on real gradient features "
+                             "hnswlib found 0.24-0.30 of the CONFLICT edges, docs/benchmarks.md); "
+                             "set [graph] exact = true or index = \"ivf\" and rebuild")
         if self.write_rates:
             parts.append(", ".join(f"{k} {v:,.0f}/s" for k, v in self.write_rates.items()))
         if self.n_validation:

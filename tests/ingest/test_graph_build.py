@@ -17,7 +17,7 @@ from g2is_graph.neighbors import knn
 from g2is_graph.neighbors.knn import exact_topk
 from g2is_graph.numerics import float32_dot_error
 from g2is_graph.store.features import StoreError
-from ingest.graph_build import build_graph
+from ingest.graph_build import BuildResult, build_graph
 
 EXACT = GraphConfig(k=5, exact=True, device="cpu", node_batch=7, edge_batch=9)
 
@@ -342,3 +342,13 @@ def test_a_kill_between_the_hnsw_index_and_the_state_file_changes_no_edge(graph,
     monkeypatch.setattr(knn.HnswIndex, "save", saved)
     build_graph(graph, [second.path], config, tmp_path / "state", progress=False)
     assert (node_set(graph), edge_set(graph)) == expected
+
+
+def test_a_build_whose_sampled_recall_misses_the_goals_says_so(tmp_path):
+    def summary(similar, conflict):
+        return BuildResult("s", tmp_path, 10, 10, 0, 10, {"similar": similar, "conflict": conflict, "sample": 10}).summary()
+
+    assert "warning" not in summary(0.99, 0.95) and "warning" not in summary(0.96, None)
+    low = summary(0.94, 0.30)
+    assert "warning: approximate search recall SIMILAR 0.940 < 0.95, CONFLICT 0.300 < 0.9" in low
+    assert 'exact = true or index = "ivf"' in low
