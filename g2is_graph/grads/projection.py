@@ -60,6 +60,18 @@ class Projector:
         for b in range(math.ceil(self.in_dim / rows)):
             yield b, b * rows, min(self.in_dim, (b + 1) * rows)
 
+    def _pieces(self, start: int, stop: int):
+        """(block, first row of the block, lo, hi) for each generator block that input rows [start, stop) touch."""
+        rows = self.config.block_rows
+        for block in range(start // rows, -(-stop // rows)):
+            first = block * rows
+            yield block, first, max(start, first), min(stop, first + rows)
+
+    @property
+    def _sparse_value(self) -> np.float32:
+        """|entry| of the sparse matrix: 1/sqrt(nnz) rounded to float32 once, the same on every path."""
+        return np.float32(1.0) / np.float32(math.sqrt(self.config.sparse_nnz))
+
     def _remember(self, key, value, nbytes: int):
         if self._cached_bytes + nbytes <= self.cache_bytes:
             self._cache[key] = value
@@ -91,7 +103,8 @@ class Projector:
         nnz, k = self.config.sparse_nnz, self.config.dim
         words = _stream(self.config.seed, block).random_raw(n_rows * nnz).reshape(n_rows, nnz)
         columns = (words % np.uint64(k)).astype(np.int64)
-        signs = np.where((words >> np.uint64(63)) == 1, 1.0, -1.0).astype(np.float32) / np.float32(math.sqrt(nnz))
+        value = self._sparse_value
+        signs = np.where((words >> np.uint64(63)) == 1, value, -value).astype(np.float32)
         return columns, signs
 
     # -- projecting ------------------------------------------------------------------------
@@ -115,15 +128,12 @@ class Projector:
                              f"into {tuple(out.shape)}")
         part = part.to(self.device, torch.float32)
         if self.config.kind == "sparse":
-            scale = float(np.float32(1.0) / np.float32(math.sqrt(self.config.sparse_nnz)))
+            scale = float(self._sparse_value)
             for entry in self._sparse_range(start, stop):  # one index_add per non-zero: ~9x faster on a CPU than one of nnz * n
                 out.index_add_(1, (entry.abs() - 1).long(), part * (entry.sign().to(torch.float32) * scale))
             return
-        rows = self.config.block_rows
-        for block in range(start // rows, -(-stop // rows)):
-            first, last = block * rows, min(self.in_dim, (block + 1) * rows)
-            lo, hi = max(start, first), min(stop, last)
-            matrix = self._dense_tensor(block, last - first)
+        for block, first, lo, hi in self._pieces(start, stop):
+            matrix = self._dense_tensor(block, min(self.in_dim, first + self.config.block_rows) - first)
             out.addmm_(part[:, lo - start:hi - start], matrix[lo - first:hi - first])
 
     def _sparse_range(self, start: int, stop: int) -> torch.Tensor:
@@ -136,11 +146,8 @@ class Projector:
         key = ("range", start, stop)
         if key in self._cache:
             return self._cache[key]
-        rows = self.config.block_rows
         entries = []
-        for block in range(start // rows, -(-stop // rows)):
-            first = block * rows
-            lo, hi = max(start, first), min(stop, first + rows)
+        for block, first, lo, hi in self._pieces(start, stop):
             block_columns, block_signs = self.sparse_block(block, hi - first)  # rows are a prefix of the block
             entries.append((block_columns[lo - first:] + 1) * np.where(block_signs[lo - first:] > 0, 1, -1))
         dtype = np.int16 if self.config.dim < 2**15 else np.int32
