@@ -35,8 +35,9 @@ from g2is_graph.model.loading import load_tokenizer, load_with_adapter, smollm2_
 from g2is_graph.store.features import FeatureStore  # noqa: E402
 from ingest.warmup import Checkpoint  # noqa: E402
 
+LESS_RATE = 0.151  # examples/s of LESS's own code at r=128 (quoted from issue 17; LESS is not installed here)
 LESS_QUOTED = "| LESS's own code on this class of machine (bs 1, TRAK CPU projector, bf16; quoted from the issue) " \
-              "| 0.151 | 1.0x | 10.6-14.6 GiB | 0.981 / 0.985 |"
+              f"| {LESS_RATE} | 1.0x | 10.6-14.6 GiB | 0.981 / 0.985 |"
 # name -> extra `g2is gradients` flags
 RUNS = {"default": [], "sparse-float32": ["--projector", "sparse", "--autocast", "float32"],
         "sparse-bfloat16": ["--projector", "sparse", "--autocast", "bfloat16"],
@@ -113,14 +114,14 @@ def main() -> None:
     print(f"\nplain bs1 autograd (float32, no projection): {len(records) / exact_seconds:.2f} examples/s "
           f"(in this process, load {load()})\n")
 
-    print("| | examples/s, whole process | vs LESS's 0.151 | peak RSS | Pearson(pairwise cosines, exact fp32), "
+    print(f"| | examples/s, whole process | vs LESS's {LESS_RATE} (r=128) | peak RSS | Pearson(pairwise cosines, exact fp32), "
           f"{args.fidelity_n * (args.fidelity_n - 1) // 2} pairs ({' / '.join(args.kinds.split(','))}) |")
     print("|---|---|---|---|---|")
     print(LESS_QUOTED)
     for name in args.runs.split(","):
         runs = [measured[name, k] for k in args.kinds.split(",")]
         rate = " / ".join(f"{args.n / s:.2f}" for s, _, _ in runs)
-        ratio = " / ".join(f"{args.n / s / 0.151:.1f}x" for s, _, _ in runs)
+        ratio = " / ".join(f"{args.n / s / LESS_RATE:.1f}x" for s, _, _ in runs) if args.lora_r == 128 else "-"
         rss = " / ".join(f"{r / 2**30:.2f} GiB" for _, r, _ in runs)
         fidelity = " / ".join(f"{pairwise_fidelity(exact[k], torch.from_numpy(st.load('raw')[:args.fidelity_n]))[0]:.4f}"
                               for k, (_, _, st) in zip(args.kinds.split(","), runs))
