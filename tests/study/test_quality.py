@@ -121,7 +121,10 @@ def test_scarce_target_study_draws_validation_sets_disjointly_and_pairs_against_
     plain = [json.loads(line)["completion"] for line in open(data["test"][quality.PLAIN_TEST])]
     assert plain and not any("<<" in a or "####" in a for a in plain)
     selections = list(state["selections"].values())
-    assert len(selections) == 2 * (3 + 2) and {s["draw"] for s in selections} == {0, 1}
+    # the preset's ablations run on the first draw only, after every draw's methods
+    assert len(selections) == 2 * 3 + 2 and {s["draw"] for s in selections} == {0, 1}
+    assert {s["draw"] for s in selections if s["variant"] != "default"} == {0}
+    assert [s["variant"] for s in selections][-2:] == ["anchor-consistency", "pool-centred"]
     assert all(quality.finetune_seeds(s, config.seeds) == (s["draw"],) for s in selections)
     assert all(s["diagnostics"] for s in selections if s["method"] == "g2is")
     assert {r["test"] for r in state["rows"] if r["method"] != "base"} == {"gsm8k", quality.PLAIN_TEST}
@@ -129,6 +132,7 @@ def test_scarce_target_study_draws_validation_sets_disjointly_and_pairs_against_
     g2is = paired[("gsm8k", "g2is")]
     assert g2is["n_draws"] == 2 and g2is["n_pairs"] == 2 * 4 and g2is["ci95"][0] <= g2is["mean_difference"] <= g2is["ci95"][1]
     assert ("gsm8k", "g2is/pool-centred") in paired and ("gsm8k", "base") in paired
+    assert paired[("gsm8k", "g2is/pool-centred")]["n_draws"] == 1
     table = quality.study_table(state)
     assert "| g2is |" in table and "vs LESS" in table
-    assert quality.diagnostics_table(state).count("| gsm8k |") == 2 * 3
+    assert quality.diagnostics_table(state).count("| gsm8k |") == 2 + 2
