@@ -10,6 +10,8 @@ SmolLM2-135M-Instruct in `--work` (its own Neo4j database under work/neo4j) and 
 work/results.json; re-running the same command resumes, a different config for the same folder is refused.
 `--set key=value` (TOML values) or `--config file.toml` override the preset. `--report DIR` writes
 DIR/quality-<preset>.json (results without local paths), the markdown table and the plot.
+`--analyse-only` runs nothing and reports what the work folder has evaluated so far (a grid still running
+or cut short).
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ def overrides(args) -> dict:
 
 def report(state: dict, out: Path, preset: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    public = {k: state[k] for k in ("preset", "config", "stage_seconds", "graph", "rows", "summary", "overlap")}
+    public = {k: state.get(k) for k in ("preset", "config", "stage_seconds", "graph", "rows", "summary", "overlap")}
     public.update({k: state[k] for k in ("paired", "residuals") if k in state})
     public["selections"] = [{k: v for k, v in s.items() if k != "out_dir"} for s in state["selections"].values()]
     public["pool"] = {k: state["data"]["pool_manifest"][k] for k in ("n_records", "sha256", "datasets",
@@ -60,9 +62,14 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--report", type=Path, help="write the public results, table and plot here")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--analyse-only", action="store_true",
+                        help="run nothing: tables and report from what --work has evaluated so far")
     args = parser.parse_args()
     config = quality.load_config(args.preset, overrides(args))
-    state = quality.run_study(args.work, config, args.preset, progress=not args.quiet)
+    if args.analyse_only:
+        state = quality.analyse_saved(args.work, config, args.preset)
+    else:
+        state = quality.run_study(args.work, config, args.preset, progress=not args.quiet)
     print(quality.markdown_table(state))
     print(json.dumps(state["stage_seconds"]))
     if args.report:

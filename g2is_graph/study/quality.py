@@ -438,12 +438,26 @@ def run_study(work: str | Path, config: QualityConfig, preset: str = "custom", e
                                               "steps": result.steps, "final_loss": result.final_loss}
             study.timed("finetune", time.perf_counter() - started)
         evaluate(adapter_key)
+    analyse(state, config)
+    study.save()
+    return state
+
+
+def analyse(state: dict[str, Any], config: QualityConfig) -> None:
+    """The tables' figures from what has been evaluated so far (a finished or an interrupted grid)."""
     state["rows"] = result_rows(state, config)
     state["summary"] = summarise(state["rows"])
     state["overlap"] = overlaps(state, config)
     state["paired"] = paired_against(state, config)
-    state["residuals"] = {test: target_count_residuals(state["rows"], test) for test in files["test"]}
-    study.save()
+    state["residuals"] = {test: target_count_residuals(state["rows"], test) for test in state["data"]["test"]}
+
+
+def analyse_saved(work: str | Path, config: QualityConfig, preset: str) -> dict[str, Any]:
+    """A work folder's results as they stand, without running anything (the config must be the saved one)."""
+    state = Study(Path(work).resolve(), config, preset).state
+    if not state["data"]:
+        raise ConfigError(f"[quality] {Path(work) / 'results.json'} has no results yet")
+    analyse(state, config)
     return state
 
 

@@ -136,3 +136,4 @@ def test_scarce_target_study_draws_validation_sets_disjointly_and_pairs_against_
     table = quality.study_table(state)
     assert "| g2is |" in table and "vs LESS" in table
     assert quality.diagnostics_table(state).count("| gsm8k |") == 2 + 2
+    assert quality.analyse_saved(tmp_path / "work", config, "test")["paired"] == state["paired"]
