@@ -190,8 +190,9 @@ class Study:
         wanted = to_jsonable(config)
         if saved is not None:
             check_saved(saved["config"], wanted, None, self.path, "study (another config)")
-        self.state = saved or {"preset": preset, "config": wanted, "provenance": provenance(), "stage_seconds": {}, "data": {},
-                               "selections": {}, "adapters": {}, "evaluations": {}}
+            saved = _relocated(saved, work)
+        self.state = saved or {"preset": preset, "config": wanted, "provenance": provenance(), "work": str(work),
+                               "stage_seconds": {}, "data": {}, "selections": {}, "adapters": {}, "evaluations": {}}
 
     def save(self) -> None:
         atomic_write_json(self.path, self.state, indent=1, default=str)
@@ -199,6 +200,26 @@ class Study:
     def timed(self, stage: str, seconds: float) -> None:
         self.state["stage_seconds"][stage] = round(self.state["stage_seconds"].get(stage, 0.0) + seconds, 1)
         self.save()
+
+
+def _relocated(state: dict[str, Any], work: Path) -> dict[str, Any]:
+    """The state with every path under the folder it was made in moved under `work`: a work folder copied to
+    another path or machine (say, its data, selections and results carried to a later session) resumes."""
+    made_in = state.get("work") or (str(Path(state["data"]["pool"]).parent.parent) if state["data"] else None)
+    if made_in is None or made_in == str(work):
+        return {**state, "work": str(work)}
+    prefix = made_in.rstrip("/") + "/"
+
+    def move(value: Any) -> Any:
+        if isinstance(value, str) and value.startswith(prefix):
+            return str(work) + "/" + value[len(prefix):]
+        if isinstance(value, dict):
+            return {k: move(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [move(v) for v in value]
+        return value
+
+    return {**move(state), "work": str(work)}
 
 
 def _key(*parts: Any) -> str:
@@ -341,58 +362,66 @@ def run_study(work: str | Path, config: QualityConfig, preset: str = "custom", e
         study.timed("data", time.perf_counter() - started)
     files = state["data"]
 
-    started = stage("warmup")
-    checkpoints = warmup([files["pool"]], model, work / "warmup",
+    plan = selection_plan(config)
+    selected = all((done := state["selections"].get(_key(unit))) and Path(done["out_dir"]).exists() for unit in plan)
+    if selected:
+        # fine-tuning and evaluation read the selections alone: a work folder carried without its warmup,
+        # features and database (the bulk of it) resumes here
+        echo("[quality] every selection is made: warmup, gradients and graph are not needed again")
+    else:
+        started = stage("warmup")
+        checkpoints = warmup([files["pool"]], model, work / "warmup",
                              dataclasses.replace(config.warmup, lora=config.lora), data_config, echo, progress)
-    study.timed("warmup", time.perf_counter() - started)
-    paths = [c.path for c in checkpoints]
-    if config.feature_checkpoints == "last":
-        paths = paths[-1:]
+        study.timed("warmup", time.perf_counter() - started)
+        paths = [c.path for c in checkpoints]
+        if config.feature_checkpoints == "last":
+            paths = paths[-1:]
 
-    started = stage("gradients")
-    projector = ProjectorConfig(kind=config.projector, dim=config.dim)
-    # float32 model products: the study's figures (docs/quality.md) were measured so, and its work folders resume
-    features = featurize([files["pool"]], list(files["validation"].values()), model, paths, work / "features",
-                         projector, data_config, GradientConfig(autocast="float32"), echo=echo, progress=progress)
-    train, validation = features.train, features.validation
-    study.timed("gradients", time.perf_counter() - started)
+        started = stage("gradients")
+        projector = ProjectorConfig(kind=config.projector, dim=config.dim)
+        # float32 model products: the study's figures (docs/quality.md) were measured so, and its work folders resume
+        features = featurize([files["pool"]], list(files["validation"].values()), model, paths, work / "features",
+                             projector, data_config, GradientConfig(autocast="float32"), echo=echo, progress=progress)
+        train, validation = features.train, features.validation
+        study.timed("gradients", time.perf_counter() - started)
 
-    server = None
-    if graph_factory is None:
-        server = LocalServer(ServerConfig(state_dir=work / "neo4j", port=_free_port(), auth=False, heap="1g",
-                                          pagecache="1g"))
-        server.start(echo=lambda m: None)
-        graph_factory = lambda: Graph(server.status().uri)  # noqa: E731
-    try:
-        with graph_factory() as graph:
-            started = stage("graph")
-            graph.init_schema()
-            built = build_graph(graph, train.stores, GraphConfig(exact=config.exact_graph), work / "graph",
-                                validation.stores, echo, progress)
-            state["graph"] = built.summary()
-            study.timed("graph", time.perf_counter() - started)
+        server = None
+        if graph_factory is None:
+            server = LocalServer(ServerConfig(state_dir=work / "neo4j", port=_free_port(), auth=False, heap="1g",
+                                              pagecache="1g"))
+            server.start(echo=lambda m: None)
+            graph_factory = lambda: Graph(server.status().uri)  # noqa: E731
+        try:
+            with graph_factory() as graph:
+                started = stage("graph")
+                graph.init_schema()
+                built = build_graph(graph, train.stores, GraphConfig(exact=config.exact_graph), work / "graph",
+                                    validation.stores, echo, progress)
+                state["graph"] = built.summary()
+                study.timed("graph", time.perf_counter() - started)
 
-            started = stage("select")
-            for unit in selection_plan(config):
-                key = _key(unit)
-                done = state["selections"].get(key)
-                if done and Path(done["out_dir"]).exists():
-                    continue
-                overrides = ABLATIONS.get(unit["variant"], {})
-                tasks = tuple(validation_task(t, unit.get("draw", 0), config) for t in TARGETS[unit["target"]])
-                selection = SelectionConfig(method=unit["method"], ratio=unit["ratio"], tasks=tasks,
-                                            seed=unit["seed"], **overrides)
-                result = select_run(graph, selection, work / "runs", echo, progress)
-                state["selections"][key] = {**unit, "run_id": result.id, "out_dir": str(result.out_dir),
-                                            "n": len(result.picks), "how": dict(Counter(p.how for p in result.picks)),
-                                            "sources": _source_counts(result.out_dir),
-                                            "ids_sha": _key(_selected_ids(result.out_dir)),
-                                            "diagnostics": result.diagnostics}
-                study.save()
-            study.timed("select", time.perf_counter() - started)
-    finally:
-        if server is not None:
-            server.stop()
+                started = stage("select")
+                for unit in plan:
+                    key = _key(unit)
+                    done = state["selections"].get(key)
+                    if done and Path(done["out_dir"]).exists():
+                        continue
+                    overrides = ABLATIONS.get(unit["variant"], {})
+                    tasks = tuple(validation_task(t, unit.get("draw", 0), config) for t in TARGETS[unit["target"]])
+                    selection = SelectionConfig(method=unit["method"], ratio=unit["ratio"], tasks=tasks,
+                                                seed=unit["seed"], **overrides)
+                    result = select_run(graph, selection, work / "runs", echo, progress)
+                    state["selections"][key] = {**unit, "run_id": result.id, "out_dir": str(result.out_dir),
+                                                "n": len(result.picks),
+                                                "how": dict(Counter(p.how for p in result.picks)),
+                                                "sources": _source_counts(result.out_dir),
+                                                "ids_sha": _key(_selected_ids(result.out_dir)),
+                                                "diagnostics": result.diagnostics}
+                    study.save()
+                study.timed("select", time.perf_counter() - started)
+        finally:
+            if server is not None:
+                server.stop()
 
     tunes = []  # (selection key or "full-pool", train file, ids_sha, seed)
     for key, sel in state["selections"].items():
@@ -429,7 +458,7 @@ def run_study(work: str | Path, config: QualityConfig, preset: str = "custom", e
     evaluate("base")
     for _, train_file, ids_sha, seed in tunes:
         adapter_key = _key(ids_sha, seed)
-        if adapter_key not in state["adapters"]:
+        if adapter_key not in state["adapters"] or not Path(state["adapters"][adapter_key]["path"]).exists():
             started = stage(f"finetune {adapter_key}")
             out = work / "adapters" / adapter_key
             result = run_finetune([train_file], model, out, dataclasses.replace(tune_config, seed=seed),

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
+from g2is_graph import pipeline
 from g2is_graph.db.graph import Graph
 from g2is_graph.errors import ConfigError
 from g2is_graph.study import quality
@@ -101,7 +103,7 @@ def test_config_overrides_are_checked():
 
 
 def test_scarce_target_study_draws_validation_sets_disjointly_and_pairs_against_less(tmp_path, graph, neo4j_uri,
-                                                                                      tiny_model):
+                                                                                      tiny_model, monkeypatch):
     """The cpu-scarce shape on a tiny model: disjoint validation draws (one selection and one fine-tuning seed
     each), the format-free GSM8K test, paired differences against LESS, the target-count regression and the
     diagnostics of every G2IS selection."""
@@ -137,3 +139,32 @@ def test_scarce_target_study_draws_validation_sets_disjointly_and_pairs_against_
     assert "| g2is |" in table and "vs LESS" in table
     assert quality.diagnostics_table(state).count("| gsm8k |") == 2 + 2
     assert quality.analyse_saved(tmp_path / "work", config, "test")["paired"] == state["paired"]
+
+    # carried elsewhere with its data, selections and results only (no warmup, features, database or one
+    # adapter, whose evaluations are lost): it resumes at fine-tuning, redoing that adapter alone
+    carried = tmp_path / "carried"
+    shutil.copytree(tmp_path / "work", carried, ignore=shutil.ignore_patterns("warmup", "features", "neo4j", "graph"))
+    dropped = next(iter(state["adapters"]))
+    shutil.rmtree(carried / "adapters" / dropped)
+    saved = json.loads((carried / "results.json").read_text())
+    saved["evaluations"] = {k: v for k, v in saved["evaluations"].items() if not k.startswith(dropped)}
+    (carried / "results.json").write_text(json.dumps(saved))
+
+    def no_ingest(*args, **kwargs):
+        raise AssertionError("a study whose selections are all made ran an ingest stage again")
+
+    calls = []
+    real_finetune = finetune_module.run_finetune
+    monkeypatch.setattr(pipeline, "warmup", no_ingest)
+    monkeypatch.setattr(pipeline, "featurize", no_ingest)
+    monkeypatch.setattr(finetune_module, "run_finetune", lambda paths, *a, **k: calls.append(paths) or real_finetune(
+        paths, *a, **k))
+    again = quality.run_study(carried, config, "test", echo=lambda m: None, progress=False,
+                              graph_factory=lambda: pytest.fail("a carried study opened the database"))
+    assert len(calls) == 1 and str(calls[0][0]).startswith(str(carried))
+    assert set(again["evaluations"]) == set(state["evaluations"]) and again["work"] == str(carried)
+    assert all(s["out_dir"].startswith(str(carried)) for s in again["selections"].values())
+    for key in state["evaluations"]:
+        if key.startswith(dropped):
+            assert again["evaluations"][key]["answer_loss"] == pytest.approx(state["evaluations"][key]["answer_loss"],
+                                                                             rel=1e-4)
