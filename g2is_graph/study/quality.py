@@ -98,6 +98,13 @@ class QualityConfig(Settings):
     pool_seed: int = 0
     exact_graph: bool = False  # exact neighbour lists instead of hnswlib (pools of a few thousand)
 
+    def __post_init__(self) -> None:
+        # one LoRA for warmup, features and fine-tuning: the saved config shows the adapter that actually ran
+        # (the nested configs' own default is LESS's r 128)
+        object.__setattr__(self, "warmup", dataclasses.replace(self.warmup, lora=self.lora))
+        object.__setattr__(self, "finetune", dataclasses.replace(self.finetune, lora=self.lora))
+        super().__post_init__()
+
     def check(self) -> None:
         for target in self.targets + self.ablation_targets:
             if target not in TARGETS:
@@ -175,8 +182,11 @@ def _merge(value: Any, override: Any) -> Any:
 def load_config(preset: str, overrides: dict[str, Any] | None = None) -> QualityConfig:
     if preset not in PRESETS:
         raise ConfigError(f"[quality] unknown preset {preset!r}; known: {', '.join(PRESETS)}")
-    config = _merge(PRESETS[preset], overrides or {})
-    return config
+    for name in ("warmup", "finetune"):
+        if isinstance((overrides or {}).get(name), dict) and "lora" in overrides[name]:
+            raise ConfigError(f"[quality] {name}.lora: set lora at the top level; warmup, features and "
+                              "fine-tuning share one adapter")
+    return _merge(PRESETS[preset], overrides or {})
 
 
 # -- state ---------------------------------------------------------------------------------------------
@@ -189,8 +199,8 @@ class Study:
         saved = json.loads(self.path.read_text()) if self.path.exists() else None
         wanted = to_jsonable(config)
         if saved is not None:
-            check_saved(saved["config"], wanted, None, self.path, "study (another config)")
-            saved = _relocated(saved, work)
+            check_saved(_effective_lora(saved["config"]), wanted, None, self.path, "study (another config)")
+            saved = {**_relocated(saved, work), "config": wanted}
         self.state = saved or {"preset": preset, "config": wanted, "provenance": provenance(), "work": str(work),
                                "stage_seconds": {}, "data": {}, "selections": {}, "adapters": {}, "evaluations": {}}
 
@@ -200,6 +210,15 @@ class Study:
     def timed(self, stage: str, seconds: float) -> None:
         self.state["stage_seconds"][stage] = round(self.state["stage_seconds"].get(stage, 0.0) + seconds, 1)
         self.save()
+
+
+def _effective_lora(saved: dict[str, Any]) -> dict[str, Any]:
+    """A saved config with the LoRA that ran under warmup and finetune: results.json files written before
+    the config carried it there show the nested configs' unused default instead."""
+    lora = saved.get("lora")
+    if lora is None:
+        return saved
+    return {**saved, **{name: {**saved[name], "lora": lora} for name in ("warmup", "finetune") if name in saved}}
 
 
 def _relocated(state: dict[str, Any], work: Path) -> dict[str, Any]:
@@ -371,7 +390,7 @@ def run_study(work: str | Path, config: QualityConfig, preset: str = "custom", e
     else:
         started = stage("warmup")
         checkpoints = warmup([files["pool"]], model, work / "warmup",
-                             dataclasses.replace(config.warmup, lora=config.lora), data_config, echo, progress)
+                             config.warmup, data_config, echo, progress)
         study.timed("warmup", time.perf_counter() - started)
         paths = [c.path for c in checkpoints]
         if config.feature_checkpoints == "last":
@@ -430,7 +449,7 @@ def run_study(work: str | Path, config: QualityConfig, preset: str = "custom", e
     if config.full_pool:
         for seed in config.full_pool_seeds:
             tunes.append(("full-pool", Path(files["pool"]), "full-pool", seed))
-    tune_config = dataclasses.replace(config.finetune, lora=config.lora)
+    tune_config = config.finetune
     eval_config = EvaluateConfig(choices=config.choice_accuracy)
     device = pick_device(eval_config.device)
     tokenizer = load_tokenizer(model)

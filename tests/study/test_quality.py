@@ -100,6 +100,23 @@ def test_config_overrides_are_checked():
         quality.load_config("cpu-hour", {"methods": ["magic"]})
     config = quality.load_config("full", {"warmup": {"epochs": 2}})
     assert config.warmup.epochs == 2 and config.warmup.fraction == 0.05
+    with pytest.raises(ConfigError, match="warmup.lora: set lora at the top level"):
+        quality.load_config("cpu-hour", {"warmup": {"lora": {"r": 4}}})
+
+
+def test_saved_config_shows_the_lora_that_ran_and_older_results_still_resume(tmp_path):
+    config = quality.load_config("cpu-scarce", {"lora": {"r": 4, "alpha": 16}})
+    saved = quality.to_jsonable(config)
+    assert saved["warmup"]["lora"] == saved["finetune"]["lora"] == saved["lora"]
+    assert saved["lora"]["r"] == 4
+    # results.json written before this showed the nested configs' unused default (r 128) there
+    older = json.loads(json.dumps(saved))
+    older["warmup"]["lora"] = older["finetune"]["lora"] = {**saved["lora"], "r": 128, "alpha": 512}
+    (tmp_path / "results.json").write_text(json.dumps({"config": older, "data": {}, "selections": {}}))
+    study = quality.Study(tmp_path, config, "cpu-scarce")
+    assert study.state["config"] == saved
+    with pytest.raises(ConfigError, match="another config"):
+        quality.Study(tmp_path, quality.load_config("cpu-scarce", {"lora": {"r": 8}}), "cpu-scarce")
 
 
 def test_scarce_target_study_draws_validation_sets_disjointly_and_pairs_against_less(tmp_path, graph, neo4j_uri,
