@@ -33,6 +33,12 @@ def pool_cosine_stats(vectors: np.ndarray, sample: int = 1000, seed: int = 0) ->
             "max": float(cos.max()), "negative_fraction": float((cos < 0).mean())}
 
 
+def share_text(fraction: float) -> str:
+    """A fraction as a percentage, or in scientific notation when a percentage would round a few pairs in
+    millions to 0.0% (the negative-cosine share that tells whether CONFLICT edges can exist at all)."""
+    return f"{fraction:.1e}" if 0 < fraction < 5e-4 else f"{fraction:.1%}"
+
+
 def _spread(values: list[float]) -> dict[str, float] | None:
     if not values:
         return None
@@ -85,7 +91,7 @@ def describe(diagnostics: dict[str, Any]) -> str:
     pool = d.get("pool_cosines")
     if pool and "mean" in pool:
         parts.append(f"pool cosines mean {pool['mean']:.2f} [{pool['min']:.2f}, {pool['max']:.2f}], "
-                     f"{pool['negative_fraction']:.1%} negative")
+                     f"{share_text(pool['negative_fraction'])} negative")
     parts.append(f"{d['conflict_edges']} CONFLICT edges")
     ends = [(a["anchor"], a["end"]) for a in d["alignment"] if a.get("anchor") is not None]
     if ends:

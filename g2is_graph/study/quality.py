@@ -44,6 +44,7 @@ from g2is_graph.config import (
 )
 from g2is_graph.files import atomic_write_json
 from g2is_graph.provenance import check_saved, provenance
+from g2is_graph.selection.diagnostics import share_text
 
 METHODS = config_methods  # every selection method the library has
 TARGETS = {"gsm8k": ("gsm8k",), "mmlu": ("mmlu",), "bbh": ("bbh",), "gsm8k+bbh": ("gsm8k", "bbh")}
@@ -753,8 +754,8 @@ def diagnostics_table(state: dict[str, Any]) -> str:
         p, share, pool = d["picks_per_component"], d["share"], d.get("pool_cosines") or {}
         ends = [(a["anchor"], a["end"]) for a in d["alignment"] if a.get("anchor") is not None]
         align = f"{np.median([a for a, _ in ends]):.2f} -> {np.median([e for _, e in ends]):.2f}" if ends else "-"
-        pool_text = (f"{pool['mean']:.2f} [{pool['min']:.2f}, {pool['max']:.2f}], {pool['negative_fraction']:.1%}"
-                     if "mean" in pool else "-")
+        pool_text = (f"{pool['mean']:.2f} [{pool['min']:.2f}, {pool['max']:.2f}], "
+                     f"{share_text(pool['negative_fraction'])}" if "mean" in pool else "-")
         lines.append(f"| {sel['target']} | {sel.get('draw', '-')} | {sel['variant']} | {d['components']} | "
                      f"{p['min']:g}/{p['median']:g}/{p['max']:g} | {share['anchor']:.0%} / {share['walk']:.0%} / "
                      f"{share['fallback']:.0%} | {d['anchors_nonpositive']} | {d['rejections'].get('conflict', 0)} / "

@@ -9,7 +9,7 @@ import pytest
 
 from g2is_graph.config import GraphConfig, SelectionConfig
 from g2is_graph.data.synthetic import clustered_vectors, synthetic_rows, synthetic_store
-from g2is_graph.selection.diagnostics import pool_cosine_stats
+from g2is_graph.selection.diagnostics import pool_cosine_stats, share_text
 from g2is_graph.selection.explain import compare_runs, explain
 from g2is_graph.selection.runs import select
 from ingest.graph_build import build_graph
@@ -82,3 +82,8 @@ def test_rejections_are_relationships_cypher_can_query(graph, tmp_path):
     (stored,) = graph.read("run_rejections", run=run.id, id=first.id)[:1]
     assert (stored["component"], stored["step"], stored["reason"], stored["other"]) == \
         (first.component, first.step, first.reason, first.other)
+
+
+def test_a_few_negative_pairs_in_millions_do_not_print_as_zero():
+    assert share_text(28 / 4_500_000) == "6.2e-06"
+    assert share_text(0.0) == "0.0%" and share_text(0.125) == "12.5%"
