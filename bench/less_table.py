@@ -8,7 +8,14 @@ then for each --runs entry a fresh `g2is gradients` process over the same N reco
 exit, peak RSS from wait4), and exact float32 gradients from plain batch-size-1 autograd of the first
 --fidelity-n records with the same checkpoint (SGD, and Adam features with the checkpoint's moments),
 whose pairwise cosines are compared with those of the stored features (Pearson r, as in the issue).
-LESS's own row is quoted from the issue (measured on this class of machine; LESS is not installed here).
+LESS's own row is quoted from the issue (measured on this class of machine) unless --less-code names a LESS
+checkout (github.com/princeton-nlp/LESS; with --less-path for its `trak` and `datasets` if this venv lacks
+them): then LESS's own `less.data_selection.get_info` runs too, in a fresh process on the same checkpoint
+and records (as `messages`, which its tulu format renders as our tulu template does), timed and scored the
+same way. Three shims, all in LESS_WRAPPER below: its `prepare_batch` moves batches to cuda:0
+unconditionally, so the wrapper sends them to the model's device; it passes `max_batch_size` to trak
+0.1.3's CPU `BasicProjector`, which does not take it (only the CUDA projector uses it), so the wrapper drops
+it; and for Adam features its `optimizer.bin` is written from the checkpoint's name-keyed moments.
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ from g2is_graph.data.records import collate, encode_all, read_jsonl  # noqa: E40
 from g2is_graph.grads.gradients import PerExampleGradients, adam_feature, reference_gradient  # noqa: E402
 from g2is_graph.model.loading import load_tokenizer, load_with_adapter, smollm2_gguf  # noqa: E402
 from g2is_graph.store.features import FeatureStore  # noqa: E402
-from ingest.warmup import Checkpoint  # noqa: E402
+from ingest.warmup import ADAM_FILE, Checkpoint  # noqa: E402
 
 LESS_RATE = 0.151  # examples/s of LESS's own code at r=128 (quoted from issue 17; LESS is not installed here)
 LESS_QUOTED = "| LESS's own code on this class of machine (bs 1, TRAK CPU projector, bf16; quoted from the issue) " \
@@ -58,6 +65,70 @@ def g2is(args: list[str], log: Path) -> tuple[float, int]:
     return seconds, usage.ru_maxrss * 1024
 
 
+LESS_WRAPPER = """
+import runpy, sys
+import less.data_selection.collect_grad_reps as reps
+plain = reps.prepare_batch
+def prepare_batch(batch, device=None):  # LESS moves every batch to cuda:0; this CPU has none
+    import torch
+    return plain(batch, device=torch.device("cuda:0") if torch.cuda.is_available() else torch.device("cpu"))
+reps.prepare_batch = prepare_batch
+class BasicProjector(reps.BasicProjector):  # trak 0.1.3's CPU projector takes no max_batch_size (CUDA's does)
+    def __init__(self, *args, max_batch_size=None, **kwargs):
+        super().__init__(*args, **kwargs)
+reps.BasicProjector = BasicProjector
+sys.argv = ["get_info", *sys.argv[1:]]
+runpy.run_module("less.data_selection.get_info", run_name="__main__")
+"""
+
+
+def less_code(args, pool: Path, checkpoint: Path, kind: str, log: Path) -> tuple[float, int, torch.Tensor]:
+    """LESS's own get_info over the same records and checkpoint: (seconds, peak RSS bytes, features)."""
+    import json
+
+    from g2is_graph.model.loading import resolve_model
+
+    work = args.work / "less-code"
+    base = resolve_model(smollm2_gguf())
+    adapter = work / f"checkpoint-{kind}"
+    shutil.rmtree(adapter, ignore_errors=True)
+    shutil.copytree(checkpoint, adapter)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": str(base)}))
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt"):
+        if (base / name).exists() and not (adapter / name).exists():
+            shutil.copy(base / name, adapter / name)
+    if kind == "adam":  # LESS reads HF Trainer's optimizer.bin: {"state": {parameter name: moments}}
+        from safetensors.torch import load_file
+
+        tensors = load_file(checkpoint / ADAM_FILE)
+        torch.save({"state": {key[:-len("::exp_avg")]: {"exp_avg": value,
+                                                        "exp_avg_sq": tensors[key + "_sq"]}
+                              for key, value in tensors.items() if key.endswith("::exp_avg")}},
+                   adapter / "optimizer.bin")
+    records = work / "train.jsonl"
+    with open(pool) as src, open(records, "w") as out:
+        for line in src:
+            r = json.loads(line)
+            out.write(json.dumps({"messages": [{"role": "user", "content": r["prompt"]},
+                                               {"role": "assistant", "content": r["completion"]}]}) + "\n")
+    out_dir = work / f"grads-{kind}"
+    shutil.rmtree(out_dir, ignore_errors=True)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(args.less_code), *args.less_path])}
+    start = time.perf_counter()
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-c", LESS_WRAPPER, "--train_file", str(records), "--info_type",
+                                 "grads", "--model_path", str(adapter), "--output_path", str(out_dir),
+                                 "--gradient_projection_dimension", str(args.dim), "--gradient_type", kind,
+                                 "--max_samples", str(args.n)], stdout=out, stderr=subprocess.STDOUT, env=env,
+                                cwd=work)
+        _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"LESS's get_info failed; see {log}")
+    return seconds, usage.ru_maxrss * 1024, torch.load(out_dir / f"dim{args.dim}" / "all_unormalized.pt").float()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, required=True)
@@ -67,6 +138,9 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=8192)
     parser.add_argument("--runs", default=",".join(RUNS), help=f"comma list of {', '.join(RUNS)}")
     parser.add_argument("--kinds", default="sgd,adam")
+    parser.add_argument("--less-code", type=Path, default=None,
+                        help="a LESS checkout (the folder holding less/): also run LESS's own get_info")
+    parser.add_argument("--less-path", nargs="*", default=[], help="extra import paths for LESS (trak, datasets)")
     args = parser.parse_args()
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
@@ -96,6 +170,15 @@ def main() -> None:
             print(f"{name} {kind}: {seconds:.1f} s = {args.n / seconds:.3f} examples/s, peak RSS {rss / 2**30:.2f} GiB "
                   f"(load {load()})", flush=True)
 
+    kinds = args.kinds.split(",")
+    less_measured = {}
+    if args.less_code:
+        for kind in kinds:
+            seconds, rss, feats = less_code(args, pool, checkpoint, kind, work / f"less-code-{kind}.log")
+            less_measured[kind] = (seconds, rss, feats)
+            print(f"LESS's own get_info {kind}: {seconds:.1f} s = {args.n / seconds:.3f} examples/s, peak RSS "
+                  f"{rss / 2**30:.2f} GiB (load {load()})", flush=True)
+
     # exact features of the first records, encoded exactly as each store says it encoded them
     tokenizer = load_tokenizer(model)
     lora = load_with_adapter(model, checkpoint, "float32", "cpu", trainable=True).eval()
@@ -114,17 +197,33 @@ def main() -> None:
     print(f"\nplain bs1 autograd (float32, no projection): {len(records) / exact_seconds:.2f} examples/s "
           f"(in this process, load {load()})\n")
 
-    print(f"| | examples/s, whole process | vs LESS's {LESS_RATE} (r=128) | peak RSS | Pearson(pairwise cosines, exact fp32), "
-          f"{args.fidelity_n * (args.fidelity_n - 1) // 2} pairs ({' / '.join(args.kinds.split(','))}) |")
+    # the reference rate: LESS measured here when it ran, else the issue's r=128 figure (only at r=128)
+    if less_measured:
+        reference = {k: args.n / less_measured[k][0] for k in kinds}
+        against = "LESS's get_info measured here"
+    else:
+        reference = {k: LESS_RATE for k in kinds} if args.lora_r == 128 else None
+        against = f"LESS's {LESS_RATE} (r=128)"
+    print(f"| | examples/s, whole process | vs {against} | peak RSS | Pearson(pairwise cosines, exact fp32), "
+          f"{args.fidelity_n * (args.fidelity_n - 1) // 2} pairs ({' / '.join(kinds)}) |")
     print("|---|---|---|---|---|")
-    print(LESS_QUOTED)
+    if less_measured:
+        runs = [less_measured[k] for k in kinds]
+        fidelity = " / ".join(f"{pairwise_fidelity(exact[k], f[:args.fidelity_n])[0]:.4f}"
+                              for k, (_, _, f) in zip(kinds, runs))
+        print(f"| LESS's own get_info, this machine (bs 1, TRAK BasicProjector, bf16) | "
+              f"{' / '.join(f'{args.n / sec:.3f}' for sec, _, _ in runs)} | 1.0x | "
+              f"{' / '.join(f'{r / 2**30:.2f} GiB' for _, r, _ in runs)} | {fidelity} |")
+    else:
+        print(LESS_QUOTED)
     for name in args.runs.split(","):
-        runs = [measured[name, k] for k in args.kinds.split(",")]
+        runs = [measured[name, k] for k in kinds]
         rate = " / ".join(f"{args.n / s:.2f}" for s, _, _ in runs)
-        ratio = " / ".join(f"{args.n / s / LESS_RATE:.1f}x" for s, _, _ in runs) if args.lora_r == 128 else "-"
+        ratio = " / ".join(f"{args.n / s / reference[k]:.1f}x" for k, (s, _, _) in zip(kinds, runs)) \
+            if reference else "-"
         rss = " / ".join(f"{r / 2**30:.2f} GiB" for _, r, _ in runs)
         fidelity = " / ".join(f"{pairwise_fidelity(exact[k], torch.from_numpy(st.load('raw')[:args.fidelity_n]))[0]:.4f}"
-                              for k, (_, _, st) in zip(args.kinds.split(","), runs))
+                              for k, (_, _, st) in zip(kinds, runs))
         meta = runs[0][2].meta
         print(f"| `g2is gradients` {name} ({meta['projector']['kind']}, autocast {meta.get('autocast', 'float32')}) "
               f"| {rate} | {ratio} | {rss} | {fidelity} |")
