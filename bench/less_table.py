@@ -21,6 +21,7 @@ it; and for Adam features its `optimizer.bin` is written from the checkpoint's n
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -38,7 +39,7 @@ from featurize import gsm8k_pool, pairwise_fidelity  # noqa: E402
 from g2is_graph.config import DataConfig  # noqa: E402
 from g2is_graph.data.records import collate, encode_all, read_jsonl  # noqa: E402
 from g2is_graph.grads.gradients import PerExampleGradients, adam_feature, reference_gradient  # noqa: E402
-from g2is_graph.model.loading import load_tokenizer, load_with_adapter, smollm2_gguf  # noqa: E402
+from g2is_graph.model.loading import load_tokenizer, load_with_adapter, resolve_model, smollm2_gguf  # noqa: E402
 from g2is_graph.store.features import FeatureStore  # noqa: E402
 from ingest.warmup import ADAM_FILE, Checkpoint  # noqa: E402
 
@@ -84,10 +85,6 @@ runpy.run_module("less.data_selection.get_info", run_name="__main__")
 
 def less_code(args, pool: Path, checkpoint: Path, kind: str, log: Path) -> tuple[float, int, torch.Tensor]:
     """LESS's own get_info over the same records and checkpoint: (seconds, peak RSS bytes, features)."""
-    import json
-
-    from g2is_graph.model.loading import resolve_model
-
     work = args.work / "less-code"
     base = resolve_model(smollm2_gguf())
     adapter = work / f"checkpoint-{kind}"

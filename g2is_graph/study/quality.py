@@ -383,15 +383,18 @@ def run_study(work: str | Path, config: QualityConfig, preset: str = "custom", e
     files = state["data"]
 
     plan = selection_plan(config)
-    selected = all((done := state["selections"].get(_key(unit))) and Path(done["out_dir"]).exists() for unit in plan)
-    if selected:
+
+    def made(unit: dict[str, Any]) -> bool:
+        done = state["selections"].get(_key(unit))
+        return bool(done) and Path(done["out_dir"]).exists()
+
+    if all(made(unit) for unit in plan):
         # fine-tuning and evaluation read the selections alone: a work folder carried without its warmup,
         # features and database (the bulk of it) resumes here
         echo("[quality] every selection is made: warmup, gradients and graph are not needed again")
     else:
         started = stage("warmup")
-        checkpoints = warmup([files["pool"]], model, work / "warmup",
-                             config.warmup, data_config, echo, progress)
+        checkpoints = warmup([files["pool"]], model, work / "warmup", config.warmup, data_config, echo, progress)
         study.timed("warmup", time.perf_counter() - started)
         paths = [c.path for c in checkpoints]
         if config.feature_checkpoints == "last":
@@ -422,10 +425,9 @@ def run_study(work: str | Path, config: QualityConfig, preset: str = "custom", e
 
                 started = stage("select")
                 for unit in plan:
-                    key = _key(unit)
-                    done = state["selections"].get(key)
-                    if done and Path(done["out_dir"]).exists():
+                    if made(unit):
                         continue
+                    key = _key(unit)
                     overrides = ABLATIONS.get(unit["variant"], {})
                     tasks = tuple(validation_task(t, unit.get("draw", 0), config) for t in TARGETS[unit["target"]])
                     selection = SelectionConfig(method=unit["method"], ratio=unit["ratio"], tasks=tasks,
@@ -450,7 +452,6 @@ def run_study(work: str | Path, config: QualityConfig, preset: str = "custom", e
     if config.full_pool:
         for seed in config.full_pool_seeds:
             tunes.append(("full-pool", Path(files["pool"]), "full-pool", seed))
-    tune_config = config.finetune
     eval_config = EvaluateConfig(choices=config.choice_accuracy)
     device = pick_device(eval_config.device)
     tokenizer = load_tokenizer(model)
@@ -481,7 +482,7 @@ def run_study(work: str | Path, config: QualityConfig, preset: str = "custom", e
         if adapter_key not in state["adapters"] or not Path(state["adapters"][adapter_key]["path"]).exists():
             started = stage(f"finetune {adapter_key}")
             out = work / "adapters" / adapter_key
-            result = run_finetune([train_file], model, out, dataclasses.replace(tune_config, seed=seed),
+            result = run_finetune([train_file], model, out, dataclasses.replace(config.finetune, seed=seed),
                                   data_config, echo, progress)
             state["adapters"][adapter_key] = {"path": str(result.adapter), "n_examples": result.n_examples,
                                               "steps": result.steps, "final_loss": result.final_loss}
