@@ -44,6 +44,9 @@ class Neighbors:
 MARGIN = 8  # candidates kept beyond k from the float32 search, re-scored exactly
 
 
+SCORE_BLOCK_BYTES = 256 * 2**20  # one block of float32 query-by-base scores: bounds exact search's memory
+
+
 def exact_topk(queries: np.ndarray, base: np.ndarray, k: int, exclude: np.ndarray | None = None,
                block: int = 2048, device: str = "auto", keys: np.ndarray | None = None) -> Neighbors:
     """Both neighbour lists of unit-norm rows, exact: `exclude[i]` is query i's own row, `keys[j]` orders
@@ -53,8 +56,10 @@ def exact_topk(queries: np.ndarray, base: np.ndarray, k: int, exclude: np.ndarra
     computed by `numerics.exact_dots`, and any row whose k-th exact value lies within the float32 product's
     rounding bound of the candidates it did not keep re-scores every base row inside that band. Weights
     and order are then the same for any blocking, BLAS, CPU or device: a graph built in parts equals
-    one built at once."""
+    one built at once. `block` queries at a time, fewer where their score matrix would pass
+    SCORE_BLOCK_BYTES (a 512-node recall sample against a million rows would otherwise hold 2 GB)."""
     dev = torch.device(pick_device(device))
+    block = max(1, min(block, SCORE_BLOCK_BYTES // (4 * max(len(base), 1))))
     base = np.ascontiguousarray(base, dtype=np.float32)
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     keys = np.arange(len(base)) if keys is None else np.asarray(keys)
@@ -68,19 +73,15 @@ def exact_topk(queries: np.ndarray, base: np.ndarray, k: int, exclude: np.ndarra
         q_np = queries[start:start + block]
         q = torch.from_numpy(q_np).to(dev)
         sims = float32_cosines(q, base_t)
-        if exclude is not None:
-            rows = torch.arange(len(q), device=dev)
-            own = torch.from_numpy(exclude[start:start + block]).to(dev)
-            sims_pos = sims.clone()
-            sims_pos[rows, own] = -torch.inf
-            sims[rows, own] = torch.inf
-        else:
-            sims_pos = sims
+        rows = torch.arange(len(q), device=dev)
+        own = None if exclude is None else torch.from_numpy(exclude[start:start + block]).to(dev)
         q_error = error * np.linalg.norm(q_np, axis=1) * 1.0001
         stop = start + len(q)
-        for pos, (scores, largest) in enumerate(((sims_pos, True), (sims, False))):
-            kept = torch.topk(scores, wanted, dim=1, largest=largest, sorted=True).indices
-            index, weight = _exact_top(q_np, base, scores, kept, k, largest, keys, q_error)
+        for pos, largest in enumerate((True, False)):
+            if own is not None:  # a query's own row is out of both lists: set past each end in turn, in place
+                sims[rows, own] = -torch.inf if largest else torch.inf
+            kept = torch.topk(sims, wanted, dim=1, largest=largest, sorted=True).indices
+            index, weight = _exact_top(q_np, base, sims, kept, k, largest, keys, q_error)
             out[2 * pos][start:stop], out[2 * pos + 1][start:stop] = index, weight
     return Neighbors(*out)
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -126,8 +126,14 @@ class FeatureStore:
         return int(self.meta["projector"]["dim"])
 
     def rows(self) -> list[dict[str, Any]]:
+        return list(self.iter_rows())
+
+    def iter_rows(self) -> Iterator[dict[str, Any]]:
+        """The row map one row at a time (a million rows' dicts are about a gigabyte)."""
         with open(self.path / "rows.jsonl", encoding="utf-8") as fh:
-            return [json.loads(line) for line in fh if line.strip()]
+            for line in fh:
+                if line.strip():
+                    yield json.loads(line)
 
     def check_compatible(self, other: "FeatureStore", fields: Sequence[str] = ("model", "projector", "parameters")) -> None:
         """Refuse to compare features from different models, adapters or projectors."""

@@ -130,9 +130,29 @@ def check_in_space(space: FeatureSpace, stores: Sequence[FeatureStore], role: st
                          f"in {', '.join(different)}; featurise them with the same model, checkpoints and projector")
 
 
-def combined_features(stores: Sequence[FeatureStore], weights: Sequence[float]) -> np.ndarray:
-    """Unit-norm node vectors whose cosine is the checkpoint-weighted cosine."""
-    if len(stores) == 1:
-        return stores[0].load("normalized")
-    parts = [np.sqrt(w, dtype=np.float32) * s.load("normalized") for s, w in zip(stores, weights)]
-    return np.ascontiguousarray(np.concatenate(parts, axis=1))
+def combined_features(stores: Sequence[FeatureStore], weights: Sequence[float], rows: Sequence[int] | None = None,
+                      out: np.ndarray | None = None) -> np.ndarray:
+    """Unit-norm node vectors whose cosine is the checkpoint-weighted cosine: of `rows` (sorted row numbers
+    of the stores; default all), written into `out` when given. Read a chunk at a time into the one result
+    array, so a million-row pool costs its vectors once, not the whole stores plus a gathered copy."""
+    n_rows = stores[0].plan.n_rows
+    rows = np.arange(n_rows) if rows is None else np.asarray(rows, dtype=np.int64)
+    if len(rows) > 1 and np.any(np.diff(rows) <= 0):
+        raise ValueError("rows must be sorted and distinct")
+    width = sum(s.dim for s in stores)
+    if out is None:
+        out = np.empty((len(rows), width), dtype=np.float32)
+    elif out.shape != (len(rows), width):
+        raise ValueError(f"out has shape {out.shape}, expected {(len(rows), width)}")
+    column = 0
+    for store, weight in zip(stores, weights):
+        scale = None if len(stores) == 1 else np.sqrt(weight, dtype=np.float32)
+        for chunk in range(store.plan.n_chunks):
+            start, stop = store.plan.bounds(chunk)
+            first, last = np.searchsorted(rows, [start, stop])
+            if first == last:
+                continue
+            block = store.read_chunk(chunk, "normalized")[rows[first:last] - start]
+            out[first:last, column:column + store.dim] = block if scale is None else scale * block
+        column += store.dim
+    return out

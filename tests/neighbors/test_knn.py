@@ -87,6 +87,12 @@ def test_exact_lists_do_not_depend_on_blocking_or_on_the_float32_products_last_b
         other = exact_topk(x, x, 8, exclude=np.arange(n), block=block, keys=keys)
         for field in ("similar_index", "similar_weight", "conflict_index", "conflict_weight"):
             np.testing.assert_array_equal(getattr(other, field), getattr(reference, field))
+    # a score budget smaller than the block asks for: fewer queries per block, the same lists
+    monkeypatch.setattr(knn, "float32_cosines", product)
+    monkeypatch.setattr(knn, "SCORE_BLOCK_BYTES", 5 * 4 * n)
+    capped = exact_topk(x, x, 8, exclude=np.arange(n), block=n, keys=keys)
+    for field in ("similar_index", "similar_weight", "conflict_index", "conflict_weight"):
+        np.testing.assert_array_equal(getattr(capped, field), getattr(reference, field))
     # in parts: the first rows against everything equal the same rows of the whole search
     m = 2 * n // 3
     part = exact_topk(x[:m], x, 8, exclude=np.arange(m), keys=keys)
