@@ -110,9 +110,6 @@ class ServerConfig(Settings):
     def resolved_browser_dir(self) -> Path:
         return cache_home() / f"neo4j-browser-{self.browser_version}"
 
-    def resolved_import_jar_dir(self) -> Path:
-        return cache_home() / f"neo4j-{self.version}" / "import-lib"
-
 
 BOLT_SCHEMES = ("bolt", "bolt+s", "bolt+ssc", "neo4j", "neo4j+s", "neo4j+ssc")
 

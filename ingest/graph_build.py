@@ -10,7 +10,7 @@ A build computes, then writes. Its state lives in a directory next to the stores
     lock            held (flock) by the one process that may change this directory
 
 A large first build into an empty database of the project-managed server is written by Neo4j's offline
-importer instead (`import_write`: parquet files, the server restarted); everything else goes through
+importer instead (`import_write`: CSV files, the server restarted); everything else goes through
 transactions. Writes are MERGEs (nodes by id; edges by syncing each source's list exactly), so any write can be
 repeated: an interrupted build, or one whose server died, is re-run and ends in the same graph. One
 writer at a time: the state directory's lock, and the graph's write lock in the database (a :GraphLock
@@ -30,6 +30,7 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -178,14 +179,16 @@ class GraphState:
         build, since computing the neighbours and writing the nodes both need them."""
         if self._vectors is not None and self._vectors[0] == len(self.data["segments"]):
             return self._vectors[1]
-        parts = []
-        for segment in self.data["segments"]:
+        segments = self.data["segments"]
+        vectors = np.empty((sum(len(s["taken"]) for s in segments), self.data["space"]["dim"]), dtype=np.float32)
+        filled = 0
+        for segment in segments:
             stores = open_stores(segment["stores"])
             if stores[0].meta["records_sha256"] != segment["records_sha256"]:
                 raise StoreError(f"{segment['stores'][0]}: the store changed since it was added to the graph")
-            parts.append(combined_features(stores, self.data["space"]["weights"])[segment["taken"]])
-        dim = self.data["space"]["dim"]
-        vectors = np.concatenate(parts) if parts else np.empty((0, dim), dtype=np.float32)
+            taken = segment["taken"]
+            combined_features(stores, self.data["space"]["weights"], taken, vectors[filled:filled + len(taken)])
+            filled += len(taken)
         self._vectors = (len(self.data["segments"]), vectors)
         return vectors
 
@@ -246,22 +249,36 @@ def compute_neighbors(old: Neighbors | None, vectors: np.ndarray, n_old: int, co
     return lists, index, np.concatenate([changed, new_rows])
 
 
-def _meta_rows(state: GraphState) -> list[dict[str, Any]]:
-    """Each node's record row (id, source, line, ...), from the stores' row maps (no chunk is read)."""
-    meta_rows = []
+def _meta_rows(state: GraphState, wanted: Sequence[int] | None = None) -> Iterator[dict[str, Any]]:
+    """The record rows (id, source, line, ...) of the nodes `wanted` (sorted; default all), in node order,
+    streamed from the stores' row maps (no chunk is read, and a million rows are never all held)."""
+    wanted_rows = None if wanted is None else iter(wanted)
+    want = None if wanted_rows is None else next(wanted_rows, None)
+    if wanted_rows is not None and want is None:
+        return
+    node = 0
     for segment in state.data["segments"]:
-        store_rows = FeatureStore(segment["stores"][0]).rows()
-        meta_rows.extend(store_rows[i] for i in segment["taken"])
-    return meta_rows
+        taken = iter(segment["taken"])
+        next_taken = next(taken, None)
+        for i, row in enumerate(FeatureStore(segment["stores"][0]).iter_rows()):
+            if i != next_taken:
+                continue
+            next_taken = next(taken, None)
+            if wanted_rows is None or node == want:
+                yield row
+                if wanted_rows is not None:
+                    want = next(wanted_rows, None)
+                    if want is None:
+                        return
+            node += 1
 
 
 def _node_rows(state: GraphState, vectors: np.ndarray, rows: Sequence[int]) -> Iterator[dict[str, Any]]:
     """Node properties, one row at a time (the vector once, as float32 bytes)."""
-    meta_rows = _meta_rows(state)
+    rows = sorted(int(r) for r in rows)
     keep = ("id", "source_file", "line", "dataset", "content_hash", "n_tokens", "n_loss_tokens", "preview")
-    for r in rows:
-        yield {**{key: meta_rows[r].get(key) for key in keep}, "row": int(r),
-               "gradient_f32": vectors[r].astype("<f4").tobytes()}
+    for r, meta in zip(rows, _meta_rows(state, rows)):
+        yield {**{key: meta.get(key) for key in keep}, "row": r, "gradient_f32": vectors[r].astype("<f4").tobytes()}
 
 
 def _edge_rows(ids: Sequence[str], index: np.ndarray, weight: np.ndarray, rows: Sequence[int],
@@ -600,16 +617,16 @@ def bulk_import_refusal(graph: Graph, server: LocalServer | None, state: GraphSt
 def import_write(graph: Graph, server: LocalServer, state: GraphState, space: FeatureSpace, config: GraphConfig,
                  result: BuildResult, lock: DatabaseLock, lists: Neighbors, validation_stores: Sequence[str | Path],
                  echo, progress: bool, chunk: int = 20_000) -> None:
-    """Every node and edge of the state through `neo4j-admin database import full`: parquet files in the
-    state directory (written a row group at a time), the server stopped, the database replaced, the server
+    """Every node and edge of the state through `neo4j-admin database import full`: CSV files in the
+    state directory (written a group of rows at a time), the server stopped, the database replaced, the server
     started, the schema applied and the lock taken again, then the :FeatureSpace node marked complete.
     Killed before that mark, the database holds nodes but no complete build, and the re-run rewrites it
     through transactions (the importer only ever writes an empty database)."""
-    from g2is_graph.db.bulk import byte_rows, edge_writer, sample_writer, write_edges
+    from g2is_graph.db.bulk import byte_rows, edge_writer, null_bytes, repeated, sample_writer, write_edges
 
     files = state.dir / "import"
     files.mkdir(exist_ok=True)
-    for stale in files.glob("*.parquet"):
+    for stale in [*files.glob("*.csv"), *files.glob("*.parquet")]:  # parquet: files of versions before 0.x
         stale.unlink()
     started = time.perf_counter()
     vectors = state.vectors()
@@ -619,35 +636,41 @@ def import_write(graph: Graph, server: LocalServer, state: GraphState, space: Fe
     keep = ("source_file", "line", "dataset", "content_hash", "n_tokens", "n_loss_tokens", "preview")
     parts = [np.arange(i, min(i + chunk, state.n)) for i in range(0, state.n, chunk)]
     with tqdm(total=state.n, unit="node", desc="import files", disable=not progress) as bar, \
-            sample_writer(files / "samples.parquet") as nodes:
+            sample_writer(files / "samples.csv") as nodes:
         for part in parts:
-            columns = {key: [meta[r].get(key) for r in part] for key in keep}
-            columns.update(id=ids[part], label=["Sample"] * len(part), space=[space.id] * len(part), row=part,
-                           gradient_f32=byte_rows(vectors[part], "<f4"))
+            part_meta = list(islice(meta, len(part)))
+            columns = {key: [row.get(key) for row in part_meta] for key in keep}
+            columns.update(id=ids[part], label=repeated("Sample", len(part)), space=repeated(space.id, len(part)),
+                           row=part, gradient_f32=byte_rows(vectors[part], "<f4"))
             if dots_basis is not None:
-                columns.update(validation_key=[dots_key] * len(part),
+                columns.update(validation_key=repeated(dots_key, len(part)),
                                validation_dots=byte_rows(vectors[part].astype(np.float64) @ dots_basis, "<f8"))
             else:
-                columns.update(validation_key=[None] * len(part), validation_dots=_null_bytes(len(part)))
+                columns.update(validation_key=[None] * len(part), validation_dots=null_bytes(len(part)))
             nodes.write(columns)
             bar.update(len(part))
-    with edge_writer(files / "similar.parquet") as similar:
+    with edge_writer(files / "similar.csv") as similar:
         n_similar = write_edges(similar, "SIMILAR", ids, lists.similar_index, lists.similar_weight, parts)
-    with edge_writer(files / "conflict.parquet") as conflict:
+    with edge_writer(files / "conflict.csv") as conflict:
         n_conflict = write_edges(conflict, "CONFLICT", ids, lists.conflict_index, lists.conflict_weight, parts, True)
     result.seconds["import_files"] = time.perf_counter() - started
     echo(f"importing {state.n} nodes and {n_similar + n_conflict} relationships with neo4j-admin (the server "
          f"restarts)")
     started = time.perf_counter()
-    edge_files = [f for f, n in ((files / "similar.parquet", n_similar), (files / "conflict.parquet", n_conflict)) if n]
+    edge_files = [f for f, n in ((files / "similar.csv", n_similar), (files / "conflict.csv", n_conflict)) if n]
     with lock.suspended():
-        status, summary = server.replace_database(graph.database, [files / "samples.parquet"], edge_files, echo)
+        # a quoted field may hold a line break: always possible in a preview, in an id only if one has one
+        multiline = [files / "samples.csv"]
+        if any("\n" in i or "\r" in i for i in ids):
+            multiline += edge_files
+        status, summary = server.replace_database(graph.database, [files / "samples.csv"], edge_files, echo,
+                                                  multiline=multiline)
         result.seconds["import"] = time.perf_counter() - started
         started = time.perf_counter()
         graph.reopen(status.uri)
         graph.init_schema()  # the constraints and indexes, built over the imported nodes
     result.seconds["restart_and_schema"] = time.perf_counter() - started
-    for stale in files.glob("*.parquet"):
+    for stale in files.glob("*.csv"):
         stale.unlink()
     lock.check()
     k = lists.similar_index.shape[1]
@@ -657,12 +680,6 @@ def import_write(graph: Graph, server: LocalServer, state: GraphState, space: Fe
     written = result.seconds["import_files"] + result.seconds["import"]
     result.write_rates["nodes (import)"] = state.n / written
     result.write_rates["relationships (import)"] = (n_similar + n_conflict) / written
-
-
-def _null_bytes(n: int):
-    import pyarrow as pa
-
-    return pa.nulls(n, type=pa.large_list(pa.int8()))
 
 
 def _import_validation_basis(space: FeatureSpace, validation_stores: Sequence[str | Path],

@@ -65,12 +65,6 @@ POM_TEMPLATE = """<project xmlns="http://maven.apache.org/POM/4.0.0">
 </project>
 """
 DEFAULT_USER = "neo4j"
-# runtime dependencies of the parquet input of `neo4j-admin database import` that neo4j 5.26's Maven artifacts
-# do not pull in (found by running the importer: each one's absence is a NoClassDefFoundError)
-IMPORT_ARTIFACTS = ("com.fasterxml.woodstox:woodstox-core:7.1.0", "org.codehaus.woodstox:stax2-api:4.2.2",
-                    "org.apache.commons:commons-collections4:4.4",
-                    "org.apache.hadoop.thirdparty:hadoop-shaded-guava:1.4.0")
-
 
 @dataclass(frozen=True)
 class ServerStatus:
@@ -165,18 +159,12 @@ class LocalServer:
         return _fetch_artifacts([f"org.neo4j.client:neo4j-browser:{self.config.browser_version}"],
                                 self.config.resolved_browser_dir(), "the Neo4j Browser jar", echo)
 
-    def ensure_import_jars(self, echo=print) -> Path:
-        """The jars `neo4j-admin database import --input-type=parquet` needs beyond the server's (the parquet
-        reader's runtime dependencies, which the Community artifacts leave to the distribution), fetched
-        with Maven once like the server's."""
-        return _fetch_artifacts(list(IMPORT_ARTIFACTS), self.config.resolved_import_jar_dir(),
-                                "the jars of Neo4j's parquet importer", echo)
-
-    def replace_database(self, database: str, nodes: list[Path], relationships: list[Path],
-                         echo=print) -> tuple[ServerStatus, str]:
-        """Stop the server, replace `database` by the parquet files with `neo4j-admin database import full`
+    def replace_database(self, database: str, nodes: list[Path], relationships: list[Path], echo=print,
+                         multiline: list[Path] = ()) -> tuple[ServerStatus, str]:
+        """Stop the server, replace `database` by the CSV files with `neo4j-admin database import full`
         (offline), start it again; all under the start/stop lock, so no command starts the server on the
-        store while the importer writes it. Returns the new status and the importer's summary lines."""
+        store while the importer writes it. `multiline`: the files whose quoted fields may hold a line break
+        (read more slowly). Returns the new status and the importer's summary lines."""
         java = Path(self.config.java)
         if not java.exists():
             raise ServerError(f"Java 17 not found at {java}; set [server] java in g2is.toml (Neo4j 5.26 needs Java 17)")
@@ -185,27 +173,31 @@ class LocalServer:
             raise ServerError("the import files must lie in one folder (the importer is given their names)")
         folder = folders.pop()
         jars = self.ensure_jars(echo)
-        extra = self.ensure_import_jars(echo)  # before the server stops: a failed fetch leaves it running
         with self._lock().acquire(self.config.start_timeout_s + self.config.stop_timeout_s + 30, echo):
             self._stop_locked()
             if self._server_process() is not None:
                 raise ServerError(f"the server in {self.home} did not stop: a full import needs it stopped")
             report = self.home / "logs" / "import.report"
-            cmd = [str(java), f"-Xmx{self.config.import_heap}", *JVM_FLAGS, "-cp", f"{jars}/*:{extra}/*", ADMIN_TOOL,
-                   "database", "import", "full", "--input-type=parquet", "--overwrite-destination",
+            log = self.home / "logs" / "import.log"
+            lines = ["--multiline-fields-format=v2", f"--multiline-fields={','.join(p.name for p in multiline)}"]
+            cmd = [str(java), f"-Xmx{self.config.import_heap}", *JVM_FLAGS, "-cp", f"{jars}/*", ADMIN_TOOL,
+                   "database", "import", "full", "--input-type=csv", "--overwrite-destination",
                    f"--max-off-heap-memory={self.config.import_off_heap}", f"--threads={self.config.import_threads}",
                    f"--report-file={report}", "--bad-tolerance=0", "--skip-duplicate-nodes=false",
+                   "--ignore-empty-strings=false", "--trim-strings=false", "--legacy-style-quoting=false",
+                   *(lines if multiline else []),
                    *[f"--nodes={p.name}" for p in nodes], *[f"--relationships={p.name}" for p in relationships], "--",
                    database]
             env = {**os.environ, "NEO4J_HOME": str(self.home), "NEO4J_CONF": str(self.home / "conf")}
             # file names, not paths: the importer reads `=` and `,` in --nodes/--relationships values as its own
             # separators, so a folder named like `x=y` would break an absolute path
             done = subprocess.run(cmd, env=env, cwd=folder, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+            atomic_write_text(log, done.stdout + done.stderr)
             if done.returncode != 0:
                 tail = "\n".join((done.stdout + done.stderr).splitlines()[-15:])
                 self._launch(echo)  # the server comes back whatever the importer did; the error says what
                 raise ServerError(f"neo4j-admin database import failed (exit {done.returncode}); the database "
-                                  f"{database} is left as the importer left it (see {report}):\n{tail}")
+                                  f"{database} is left as the importer left it (see {log} and {report}):\n{tail}")
             summary = "\n".join(line.strip() for line in done.stdout.splitlines()
                                 if line.strip().startswith(("IMPORT DONE", "Imported:", "Peak memory")))
             status = self._launch(echo)

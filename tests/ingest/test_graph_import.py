@@ -1,6 +1,7 @@
 """The first build through `neo4j-admin database import` against a real server of its own: the imported graph
 equals the one transactions write (nodes, vectors, dots, edges, the walk's picks), an incremental ingest on
-it stays transactional and idempotent, and a missing importer is a clear error with the server left running."""
+it stays transactional and idempotent, strings the CSV files must quote come back as they were, and a failing
+importer is a clear error naming its log, with the server left running."""
 
 from __future__ import annotations
 
@@ -43,9 +44,25 @@ def own_server(tmp_path_factory):
     server.stop()
 
 
+# what a CSV writer must quote or escape: its delimiters, quotes, line breaks, the array delimiter, empty strings,
+# leading spaces, backslashes and non-ASCII text
+TRICKY = ['say "hi", then\nleave', "", "  padded  ", "a;b;c", "back\\slash \\\"", "crlf\r\nline", "naïve 数学 ✓"]
+
+
+def tricky_rows(n: int) -> list[dict]:
+    rows = synthetic_rows(n)
+    for i, row in enumerate(rows[:len(TRICKY) * 2]):
+        text = TRICKY[i % len(TRICKY)]
+        if i < len(TRICKY):
+            row.update(preview=text, dataset=text, source_file=f"{text}.jsonl")
+        else:  # ids too (a line break in an id makes the edge files multi-line as well)
+            row.update(id=f"id {text}", preview=text)
+    return rows
+
+
 def stores(tmp_path, n: int = 90, extra: int = 25, dim: int = 32):
     vectors = clustered_vectors(n + extra, dim, clusters=5, spread=0.8, seed=11)
-    first = synthetic_store(tmp_path / "a" / "c", vectors[:n], synthetic_rows(n))
+    first = synthetic_store(tmp_path / "a" / "c", vectors[:n], tricky_rows(n))
     second = synthetic_store(tmp_path / "b" / "c", vectors[n:], synthetic_rows(extra, start=n))
     rng = np.random.default_rng(5)
     val = vectors[rng.choice(n, 4, replace=False)] + 0.2 * rng.standard_normal((4, dim)).astype(np.float32)
@@ -63,8 +80,10 @@ def test_imported_first_build_equals_transactions_and_extends_transactionally(gr
                              progress=False, server=own_server)
         assert any("neo4j-admin" in line for line in said) and "IMPORT DONE" in result.import_summary
         assert result.n_dots == 0  # the dot products came with the import
-        assert not list((tmp_path / "imp=1,a" / "import").glob("*.parquet"))  # the import files are removed
+        assert not list((tmp_path / "imp=1,a" / "import").glob("*.csv"))  # the import files are removed
         assert everything(imported) == everything(graph)
+        previews = {r["p"] for r in imported._run_auto("MATCH (s:Sample) RETURN s.preview AS p")}
+        assert set(TRICKY) <= previews  # not only equal to the transactions' graph: equal to the input
         config = SelectionConfig(n_select=12)
         walked = [select(g, config, None, progress=False, echo=lambda m: None).walk for g in (graph, imported)]
         assert [p.id for p in walked[0].picks] == [p.id for p in walked[1].picks]
@@ -79,14 +98,15 @@ def test_imported_first_build_equals_transactions_and_extends_transactionally(gr
         assert again.up_to_date
 
 
-def test_a_missing_importer_is_a_clear_error_and_the_server_keeps_running(own_server, tmp_path, monkeypatch):
+def test_a_failing_importer_is_a_clear_error_naming_its_log_and_the_server_keeps_running(own_server, tmp_path,
+                                                                                          monkeypatch):
     first, _, _ = stores(tmp_path)
-    config = dataclasses.replace(own_server.config, jar_dir=own_server.jar_dir)
-    monkeypatch.setenv("G2IS_CACHE", str(tmp_path / "empty-cache"))  # no importer jars cached ...
-    monkeypatch.setenv("PATH", str(tmp_path / "no-bin"))  # ... and no Maven to fetch them
-    server = LocalServer(config)
-    with Graph(server.status().uri) as g:
+    monkeypatch.setattr("g2is_graph.db.server.ADMIN_TOOL", "org.neo4j.NoSuchImporter")
+    with Graph(own_server.status().uri) as g:
         g.clear()
-        with pytest.raises(ServerError, match="Maven .* to fetch the jars of Neo4j's parquet importer"):
-            build_graph(g, [first], IMPORT, tmp_path / "state", echo=lambda m: None, progress=False, server=server)
-        assert server.status().state == "running" and g.counts()["samples"] == 0
+        with pytest.raises(ServerError, match="import failed .*import.log") as raised:
+            build_graph(g, [first], IMPORT, tmp_path / "state", echo=lambda m: None, progress=False,
+                        server=own_server)
+        assert "NoSuchImporter" in str(raised.value)  # the importer's own words are in the message
+        assert "NoSuchImporter" in (own_server.home / "logs" / "import.log").read_text()
+        assert own_server.status().state == "running" and g.counts()["samples"] == 0
