@@ -8,7 +8,8 @@ default hnswlib, `ivf`, or `exact`), writes nodes, SIMILAR and CONFLICT edges an
 through `neo4j-admin database import` into a fresh project-managed server, and a 1% selection runs twice on
 it (the first meets a cold server). Prints the stage times, nodes/s and relationships/s, store bytes per
 node against the raw bytes (4 d per vector + 24 per edge: two 8-byte node references and a float64
-weight), recall on the build's sample, walk steps/s, the peak RSS of this process and of the server, and
+weight), recall on the build's sample, walk steps/s, the peak RSS of this process (making the stores, then the
+build and walks: VmHWM is reset between them) and of the server, and
 `uptime` before and after (the machine is shared: read timings beside its load).
 """
 
@@ -57,6 +58,22 @@ def server_rss_kib(server: LocalServer) -> int | None:
     return None
 
 
+def reset_peak_rss() -> bool:
+    """Restart this process's VmHWM (Linux `clear_refs` 5), so the build's peak is not making the pool's."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_kib() -> int | None:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=1_000_000)
@@ -89,6 +106,8 @@ def main() -> None:
         gc.collect()
     figures["data_s"] = time.perf_counter() - started
     print(f"stores ready in {figures['data_s']:.0f} s", flush=True)
+    figures["data_peak_rss_gib"] = (peak_rss_kib() or 0) / 2**20
+    figures["peak_rss_reset"] = reset_peak_rss()
 
     config = GraphConfig(k=args.k, exact=args.knn == "exact", index=args.knn if args.knn != "exact" else "hnsw")
     server = LocalServer(ServerConfig(state_dir=work / "neo4j", port=_free_port(), auth=False, heap=args.heap,
@@ -133,9 +152,13 @@ def main() -> None:
         figures["server_peak_rss_gib"] = (server_rss_kib(server) or 0) / 2**20
         server.stop()
     figures["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    figures["build_walk_peak_rss_gib"] = (peak_rss_kib() or 0) / 2**20
+    figures["children_peak_rss_gib"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
     figures["uptime_end"] = uptime()
-    print(f"peak RSS: this process {figures['peak_rss_gib']:.2f} GiB, server {figures['server_peak_rss_gib']:.2f} GiB",
-          flush=True)
+    print(f"peak RSS: making the stores {figures['data_peak_rss_gib']:.2f} GiB; build and walks (VmHWM since, reset "
+          f"{'done' if figures['peak_rss_reset'] else 'FAILED'}) {figures['build_walk_peak_rss_gib']:.2f} GiB; "
+          f"ru_maxrss {figures['peak_rss_gib']:.2f} GiB; largest child (the importer JVM) "
+          f"{figures['children_peak_rss_gib']:.2f} GiB; server {figures['server_peak_rss_gib']:.2f} GiB", flush=True)
     print(figures["uptime_end"], flush=True)
     if args.json:
         args.json.write_text(json.dumps(figures, indent=1, default=str))
