@@ -659,12 +659,8 @@ def import_write(graph: Graph, server: LocalServer, state: GraphState, space: Fe
     started = time.perf_counter()
     edge_files = [f for f, n in ((files / "similar.csv", n_similar), (files / "conflict.csv", n_conflict)) if n]
     with lock.suspended():
-        # a quoted field may hold a line break: always possible in a preview, in an id only if one has one
-        multiline = [files / "samples.csv"]
-        if any("\n" in i or "\r" in i for i in ids):
-            multiline += edge_files
         status, summary = server.replace_database(graph.database, [files / "samples.csv"], edge_files, echo,
-                                                  multiline=multiline)
+                                                  multiline=any(f.line_breaks for f in (nodes, similar, conflict)))
         result.seconds["import"] = time.perf_counter() - started
         started = time.perf_counter()
         graph.reopen(status.uri)

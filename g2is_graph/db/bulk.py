@@ -101,6 +101,7 @@ class CsvWriter:
         self._file = None
         self._writer = None
         self.rows = 0
+        self.line_breaks = False  # whether a string field holds CR or LF: the importer must read it multi-line
 
     def write(self, columns: dict[str, Any]) -> None:
         pa = _pa()
@@ -112,6 +113,11 @@ class CsvWriter:
                                             write_options=pa.csv.WriteOptions(include_header=False))
         self._writer.write_table(table)
         self.rows += table.num_rows
+        if not self.line_breaks:
+            import pyarrow.compute as pc
+
+            self.line_breaks = any(pc.any(pc.match_substring_regex(table[head], "[\r\n]")).as_py()
+                                   for name, (head, kind) in self.header.items() if kind == "string")
 
     def close(self) -> None:
         if self._writer is not None:

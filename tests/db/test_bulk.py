@@ -31,6 +31,7 @@ def test_csv_files_hold_what_was_written(tmp_path):
                      "content_hash": ["h"] * 3, "n_tokens": [1, 2, 3], "n_loss_tokens": [1, 1, 1],
                      "preview": ["x;y", "two\r\nlines", "naïve ✓"], "gradient_f32": byte_rows(np.eye(3, 2), "<f4"),
                      "validation_key": [None] * 3, "validation_dots": byte_rows(np.ones((3, 1)), "<f8")})
+    assert nodes.line_breaks  # the importer is told to read multi-line
     table = pc.read_csv(tmp_path / "s.csv", parse_options=pc.ParseOptions(newlines_in_values=True),
                         convert_options=pc.ConvertOptions(strings_can_be_null=True, quoted_strings_can_be_null=False))
     assert table.column_names[:3] == ["id:ID(Sample)", ":LABEL", "space:string"]
@@ -40,7 +41,11 @@ def test_csv_files_hold_what_was_written(tmp_path):
     weight = np.array([0.1, -1 / 3, 2.0 ** -40])
     with edge_writer(tmp_path / "e.csv") as edges:
         n = write_edges(edges, "SIMILAR", ids, np.array([[1], [2], [0]]), weight[:, None], [np.arange(3)])
-    assert n == 3
+    assert n == 3 and edges.line_breaks
+    with edge_writer(tmp_path / "plain.csv") as plain:
+        write_edges(plain, "SIMILAR", np.array(["a", "b"], dtype=object), np.array([[1], [0]]), np.ones((2, 1)),
+                    [np.arange(2)])
+    assert not plain.line_breaks
     table = pc.read_csv(tmp_path / "e.csv", parse_options=pc.ParseOptions(newlines_in_values=True))
     assert table["weight:double"].to_pylist() == weight.tolist()  # float64 round-trips exactly
     assert table[":END_ID(Sample)"].to_pylist() == [ids[1], ids[2], ids[0]]

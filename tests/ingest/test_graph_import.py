@@ -16,6 +16,7 @@ from g2is_graph.db.graph import Graph
 from g2is_graph.db.server import LocalServer, _free_port
 from g2is_graph.errors import ServerError
 from g2is_graph.selection.runs import select
+from g2is_graph.store.space import combined_features
 from ingest.graph_build import build_graph
 
 TRANSACTIONS = GraphConfig(k=5, exact=True, device="cpu", bulk_import_from=0)
@@ -110,3 +111,21 @@ def test_a_failing_importer_is_a_clear_error_naming_its_log_and_the_server_keeps
         assert "NoSuchImporter" in str(raised.value)  # the importer's own words are in the message
         assert "NoSuchImporter" in (own_server.home / "logs" / "import.log").read_text()
         assert own_server.status().state == "running" and g.counts()["samples"] == 0
+
+
+def test_a_multi_line_node_file_longer_than_the_importers_read_buffer_imports_whole(own_server, tmp_path):
+    """300 vectors of 1024 dims are 6 MB of CSV: fields cross the importer's 4 MiB read buffer, where its v2
+    multi-line reader fails ("found CR outside a text cell"); a preview with a line break makes it multi-line."""
+    n, dim = 300, 1024
+    vectors = clustered_vectors(n, dim, clusters=3, spread=0.8, seed=2)
+    rows = tricky_rows(n)
+    store = synthetic_store(tmp_path / "big" / "c", vectors, rows)
+    with Graph(own_server.status().uri) as g:
+        g.clear()
+        result = build_graph(g, [store.path], dataclasses.replace(IMPORT, k=3), tmp_path / "state",
+                             echo=lambda m: None, progress=False, server=own_server)
+        assert "IMPORT DONE" in result.import_summary
+        got = {r["id"]: r["v"] for r in g._run_auto("MATCH (s:Sample) RETURN s.id AS id, s.gradient_f32 AS v")}
+    assert len(got) == n
+    unit = combined_features([store], [1.0])  # the node vectors: the store's rows at unit norm
+    assert all(got[row["id"]] == unit[i].astype("<f4").tobytes() for i, row in enumerate(rows))
