@@ -153,12 +153,11 @@ def main() -> None:
         server.stop()
     figures["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     figures["build_walk_peak_rss_gib"] = (peak_rss_kib() or 0) / 2**20
-    figures["children_peak_rss_gib"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
     figures["uptime_end"] = uptime()
     print(f"peak RSS: making the stores {figures['data_peak_rss_gib']:.2f} GiB; build and walks (VmHWM since, reset "
           f"{'done' if figures['peak_rss_reset'] else 'FAILED'}) {figures['build_walk_peak_rss_gib']:.2f} GiB; "
-          f"ru_maxrss {figures['peak_rss_gib']:.2f} GiB; largest child (the importer JVM) "
-          f"{figures['children_peak_rss_gib']:.2f} GiB; server {figures['server_peak_rss_gib']:.2f} GiB", flush=True)
+          f"ru_maxrss {figures['peak_rss_gib']:.2f} GiB; server {figures['server_peak_rss_gib']:.2f} GiB (the "
+          f"importer's own peak is in its summary)", flush=True)
     print(figures["uptime_end"], flush=True)
     if args.json:
         args.json.write_text(json.dumps(figures, indent=1, default=str))
