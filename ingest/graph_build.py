@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import islice
@@ -354,7 +354,7 @@ def _build_locked(graph: Graph, stores: list[FeatureStore], space: FeatureSpace,
     graph.init_schema()
     recorded = check_graph_space(graph, space.id)
     census = refuse_foreign_graph(graph, state.dir, state.graph_id, state.data["ids"], space.id, recorded,
-                                  incoming=lambda: [row["id"] for row in stores[0].rows()])
+                                  incoming=lambda: (row["id"] for row in stores[0].iter_rows()))
 
     segment_key = [str(s.path.resolve()) for s in stores]
     known = {tuple(seg["stores"]) for seg in state.data["segments"]}
@@ -461,7 +461,7 @@ def _database_ids(graph: Graph, space_id: str) -> list[str]:
 
 def refuse_foreign_graph(graph: Graph, state_dir: Path, graph_id: str | None, state_ids: Sequence[str],
                          space_id: str, recorded: dict[str, Any] | None,
-                         incoming: Callable[[], Sequence[str]] = tuple) -> dict[str, Any]:
+                         incoming: Callable[[], Iterable[str]] = tuple) -> dict[str, Any]:
     """Refuse a database that holds samples this state will not list (its `state_ids` and the `incoming`
     ones it is about to add): it holds a graph built from another state directory, and writing this state's
     lists over it would leave a graph neither state describes. Returns the census of what the database holds."""
@@ -503,11 +503,11 @@ def check_state_against_database(graph: Graph, state_dir: str | Path) -> None:
 
 def _add_segment(state: GraphState, stores, segment_key: list[str], config: GraphConfig,
                  timings: dict[str, float], echo) -> tuple[int, int]:
-    rows = stores[0].rows()
     seen = set(state.data["content_hashes"])
     known_ids = set(state.data["ids"])
-    taken, duplicates = [], 0
-    for i, row in enumerate(rows):
+    taken, new_ids, new_hashes, duplicates, n_rows = [], [], [], 0, 0
+    for i, row in enumerate(stores[0].iter_rows()):  # streamed: a million row dicts would hold gigabytes
+        n_rows += 1
         if row["content_hash"] in seen:
             duplicates += 1
             continue
@@ -517,8 +517,11 @@ def _add_segment(state: GraphState, stores, segment_key: list[str], config: Grap
         seen.add(row["content_hash"])
         known_ids.add(row["id"])
         taken.append(i)
+        new_ids.append(row["id"])
+        new_hashes.append(row["content_hash"])
+    del seen, known_ids
     if not taken:
-        echo(f"{len(rows)} examples, all already in the graph: nothing to add")
+        echo(f"{n_rows} examples, all already in the graph: nothing to add")
         return 0, duplicates
     t0 = time.perf_counter()
     n_old = state.n
@@ -531,7 +534,7 @@ def _add_segment(state: GraphState, stores, segment_key: list[str], config: Grap
     index = None
     if not config.exact and config.index == "hnsw" and n_old:
         index = state.load_index(vectors[:n_old], config, len(vectors), echo)
-    keys = id_keys(state.data["ids"] + [rows[i]["id"] for i in taken])
+    keys = id_keys(state.data["ids"] + new_ids)
     lists, index, changed = compute_neighbors(old, vectors, n_old, config, index, keys)
     timings["neighbors"] = time.perf_counter() - t0
     previous = state.data["build"]
@@ -546,8 +549,8 @@ def _add_segment(state: GraphState, stores, segment_key: list[str], config: Grap
         state.data["recall"] = None
     lists.save(state.dir / f"neighbors-{build}.npz")
     state.data["build"] = build
-    state.data["ids"] += [rows[i]["id"] for i in taken]
-    state.data["content_hashes"] += [rows[i]["content_hash"] for i in taken]
+    state.data["ids"] += new_ids
+    state.data["content_hashes"] += new_hashes
     state.data["pending"] = {"after_build": previous, "nodes": list(range(n_old, state.n)),
                              "edges": [int(r) for r in changed]}
     state.save()  # the commit point: from here on the files of `build` are the state's
