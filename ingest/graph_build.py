@@ -249,28 +249,24 @@ def compute_neighbors(old: Neighbors | None, vectors: np.ndarray, n_old: int, co
     return lists, index, np.concatenate([changed, new_rows])
 
 
+def _sorted_pick(items: Iterable[Any], positions: Iterable[int]) -> Iterator[Any]:
+    """The items at `positions` (sorted), in order, without holding the others."""
+    wanted = iter(positions)
+    want = next(wanted, None)
+    for i, item in enumerate(items):
+        if want is None:
+            return
+        if i == want:
+            yield item
+            want = next(wanted, None)
+
+
 def _meta_rows(state: GraphState, wanted: Sequence[int] | None = None) -> Iterator[dict[str, Any]]:
     """The record rows (id, source, line, ...) of the nodes `wanted` (sorted; default all), in node order,
     streamed from the stores' row maps (no chunk is read, and a million rows are never all held)."""
-    wanted_rows = None if wanted is None else iter(wanted)
-    want = None if wanted_rows is None else next(wanted_rows, None)
-    if wanted_rows is not None and want is None:
-        return
-    node = 0
-    for segment in state.data["segments"]:
-        taken = iter(segment["taken"])
-        next_taken = next(taken, None)
-        for i, row in enumerate(FeatureStore(segment["stores"][0]).iter_rows()):
-            if i != next_taken:
-                continue
-            next_taken = next(taken, None)
-            if wanted_rows is None or node == want:
-                yield row
-                if wanted_rows is not None:
-                    want = next(wanted_rows, None)
-                    if want is None:
-                        return
-            node += 1
+    every = (row for segment in state.data["segments"]
+             for row in _sorted_pick(FeatureStore(segment["stores"][0]).iter_rows(), segment["taken"]))
+    return every if wanted is None else _sorted_pick(every, wanted)
 
 
 def _node_rows(state: GraphState, vectors: np.ndarray, rows: Sequence[int]) -> Iterator[dict[str, Any]]:
@@ -629,7 +625,7 @@ def import_write(graph: Graph, server: LocalServer, state: GraphState, space: Fe
 
     files = state.dir / "import"
     files.mkdir(exist_ok=True)
-    for stale in [*files.glob("*.csv"), *files.glob("*.parquet")]:  # parquet: files of versions before 0.x
+    for stale in [*files.glob("*.csv"), *files.glob("*.parquet")]:  # parquet: left by the parquet importer
         stale.unlink()
     started = time.perf_counter()
     vectors = state.vectors()
@@ -643,11 +639,12 @@ def import_write(graph: Graph, server: LocalServer, state: GraphState, space: Fe
         for part in parts:
             part_meta = list(islice(meta, len(part)))
             columns = {key: [row.get(key) for row in part_meta] for key in keep}
+            block = vectors[part[0]:part[-1] + 1]  # a view: the parts are consecutive rows
             columns.update(id=ids[part], label=repeated("Sample", len(part)), space=repeated(space.id, len(part)),
-                           row=part, gradient_f32=byte_rows(vectors[part], "<f4"))
+                           row=part, gradient_f32=byte_rows(block, "<f4"))
             if dots_basis is not None:
                 columns.update(validation_key=repeated(dots_key, len(part)),
-                               validation_dots=byte_rows(vectors[part].astype(np.float64) @ dots_basis, "<f8"))
+                               validation_dots=byte_rows(block.astype(np.float64) @ dots_basis, "<f8"))
             else:
                 columns.update(validation_key=[None] * len(part), validation_dots=null_bytes(len(part)))
             nodes.write(columns)

@@ -9,9 +9,9 @@ imported once and then extended by transactions is the graph the transactions al
 CSV, not parquet: the importer's parquet reader takes a byte[] column element by element (50,000 nodes at
 1024 dims: 61 s of node import from parquet, 16 s from CSV, 20 s with the node file read as multi-line;
 docs/decisions.md). A byte[] value is its bytes as signed integers joined by `;`, made with numpy (a
-lookup table of the 256 fixed-width spellings), strings are quoted with inner quotes doubled (pyarrow's writer), and
-the files that can hold a newline inside a quoted field are named to the importer as multi-line.
-Files are written in row groups, so memory stays one group of rows whatever the pool's size.
+lookup table of the 256 fixed-width spellings); strings are quoted with inner quotes doubled (pyarrow's
+writer), and each writer notes whether a string held a line break (the import is then read multi-line).
+Files are written a group of rows at a time, so memory stays one group whatever the pool's size.
 """
 
 from __future__ import annotations
@@ -40,18 +40,20 @@ def _pa():
     return pyarrow
 
 
+WIDTH = 5  # characters per byte in a byte[] field
+
+
 def _spellings() -> tuple[np.ndarray, np.ndarray]:
     """Every signed byte v = -128..127 spelled in exactly 5 characters: `;0127` / `;-128` after the first
     number of a row, `00127` / `-0128` as the first (the importer reads leading zeros)."""
     values = range(-128, 128)
     rest = np.array([(f"{ARRAY_DELIMITER}{v:04d}" if v >= 0 else f"{ARRAY_DELIMITER}-{-v:03d}").encode()
-                     for v in values], dtype="S5")
-    first = np.array([(f"{v:05d}" if v >= 0 else f"-{-v:04d}").encode() for v in values], dtype="S5")
+                     for v in values], dtype=f"S{WIDTH}")
+    first = np.array([(f"{v:05d}" if v >= 0 else f"-{-v:04d}").encode() for v in values], dtype=f"S{WIDTH}")
     return first, rest
 
 
 _FIRST, _REST = _spellings()
-WIDTH = 5  # characters per byte in a byte[] field
 
 
 def byte_rows(matrix: np.ndarray, dtype: str):
@@ -78,7 +80,8 @@ def repeated(text: str, n: int):
 
 def null_bytes(n: int):
     """A byte[] column with no value (the property is absent)."""
-    return _pa().nulls(n, type=_pa().large_string())
+    pa = _pa()
+    return pa.nulls(n, type=pa.large_string())
 
 
 def _column(name: str, kind: str, values: Any):

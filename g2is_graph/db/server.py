@@ -165,7 +165,8 @@ class LocalServer:
         (offline), start it again; all under the start/stop lock, so no command starts the server on the
         store while the importer writes it. `multiline`: some quoted field holds a line break (every file is
         then read multi-line, 15-20% slower; the v2 reader, which takes a list of files, fails on fields
-        that cross its 4 MiB buffer: "Weird input data, found CR outside a text cell"). Returns the new status and the importer's summary lines."""
+        that cross its 4 MiB buffer: "Weird input data, found CR outside a text cell"). Returns the new
+        status and the importer's summary lines."""
         java = Path(self.config.java)
         if not java.exists():
             raise ServerError(f"Java 17 not found at {java}; set [server] java in g2is.toml (Neo4j 5.26 needs Java 17)")
