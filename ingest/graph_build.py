@@ -279,11 +279,14 @@ def _node_rows(state: GraphState, vectors: np.ndarray, rows: Sequence[int]) -> I
 
 def _edge_rows(ids: Sequence[str], index: np.ndarray, weight: np.ndarray, rows: Sequence[int],
                negative_only: bool = False):
-    """Sync rows; CONFLICT keeps only truly negative cosines (a tiny or one-cluster graph has fewer than k)."""
+    """Sync rows; CONFLICT keeps only truly negative cosines (a tiny or one-cluster graph has fewer than k),
+    without weights (its edges carry none)."""
     for r in rows:
         keep = weight[r] < 0 if negative_only else np.ones(len(weight[r]), dtype=bool)
-        yield {"source": ids[r], "targets": [ids[j] for j in index[r][keep]],
-               "weights": [float(w) for w in weight[r][keep]]}
+        row = {"source": ids[r], "targets": [ids[j] for j in index[r][keep]]}
+        if not negative_only:
+            row["weights"] = [float(w) for w in weight[r][keep]]
+        yield row
 
 
 def _timed_write(graph: Graph, name: str, rows, total: int, batch: int, unit: str, progress: bool,
@@ -615,7 +618,7 @@ def bulk_import_refusal(graph: Graph, server: LocalServer | None, state: GraphSt
 
 def import_write(graph: Graph, server: LocalServer, state: GraphState, space: FeatureSpace, config: GraphConfig,
                  result: BuildResult, lock: DatabaseLock, lists: Neighbors, validation_stores: Sequence[str | Path],
-                 echo, progress: bool, chunk: int = 20_000) -> None:
+                 echo, progress: bool, part_bytes: int = 64 * 2**20) -> None:
     """Every node and edge of the state through `neo4j-admin database import full`: CSV files in the
     state directory (written a group of rows at a time), the server stopped, the database replaced, the server
     started, the schema applied and the lock taken again, then the :FeatureSpace node marked complete.
@@ -633,6 +636,10 @@ def import_write(graph: Graph, server: LocalServer, state: GraphState, space: Fe
     meta = _meta_rows(state)
     dots_basis, dots_key = _import_validation_basis(space, validation_stores, vectors.shape[1])
     keep = ("source_file", "line", "dataset", "content_hash", "n_tokens", "n_loss_tokens", "preview")
+    # rows per part from a text budget: a row's vector is 4 d bytes written as 5 characters each, and a part's
+    # text exists about three times over (the lookup, arrow's column, the CSV writer's); 20k rows a part held
+    # 1.2 GB at 1024 dims (issue 19)
+    chunk = max(64, part_bytes // (5 * 4 * vectors.shape[1]))
     parts = [np.arange(i, min(i + chunk, state.n)) for i in range(0, state.n, chunk)]
     with tqdm(total=state.n, unit="node", desc="import files", disable=not progress) as bar, \
             sample_writer(files / "samples.csv") as nodes:
@@ -651,7 +658,7 @@ def import_write(graph: Graph, server: LocalServer, state: GraphState, space: Fe
             bar.update(len(part))
     with edge_writer(files / "similar.csv") as similar:
         n_similar = write_edges(similar, "SIMILAR", ids, lists.similar_index, lists.similar_weight, parts)
-    with edge_writer(files / "conflict.csv") as conflict:
+    with edge_writer(files / "conflict.csv", weighted=False) as conflict:
         n_conflict = write_edges(conflict, "CONFLICT", ids, lists.conflict_index, lists.conflict_weight, parts, True)
     result.seconds["import_files"] = time.perf_counter() - started
     echo(f"importing {state.n} nodes and {n_similar + n_conflict} relationships with neo4j-admin (the server "

@@ -141,16 +141,20 @@ def sample_writer(path: Path) -> CsvWriter:
     return CsvWriter(path, header)
 
 
-def edge_writer(path: Path) -> CsvWriter:
-    return CsvWriter(path, {"source": (f":START_ID({ID_GROUP})", "string"),
-                            "target": (f":END_ID({ID_GROUP})", "string"), "type": (":TYPE", "string"),
-                            "weight": ("weight:double", "double"), "rank": ("rank:long", "long")})
+def edge_writer(path: Path, weighted: bool = True) -> CsvWriter:
+    """SIMILAR edges carry weight and rank; CONFLICT edges (`weighted=False`) none, as `sync_conflict` writes them."""
+    header = {"source": (f":START_ID({ID_GROUP})", "string"), "target": (f":END_ID({ID_GROUP})", "string"),
+              "type": (":TYPE", "string")}
+    if weighted:
+        header.update({"weight": ("weight:double", "double"), "rank": ("rank:long", "long")})
+    return CsvWriter(path, header)
 
 
 def write_edges(writer: CsvWriter, kind: str, ids: np.ndarray, index: np.ndarray, weight: np.ndarray,
                 rows: Iterable[np.ndarray], negative_only: bool = False) -> int:
     """The edges `sync_similar` / `sync_conflict` would write for these rows: weight = exact cosine, rank =
-    position in the list (CONFLICT only for negative cosines). Returns how many were written."""
+    position in the list, when the writer has those columns (CONFLICT: neither, and only for negative
+    cosines). Returns how many were written."""
     pa = _pa()
     names = pa.array(ids, type=pa.large_string())  # once: each edge then takes its ends by position
     written = 0
@@ -161,7 +165,10 @@ def write_edges(writer: CsvWriter, kind: str, ids: np.ndarray, index: np.ndarray
         source = np.broadcast_to(part[:, None], idx.shape)[keep]
         if not len(source):
             continue
-        writer.write({"source": names.take(pa.array(source)), "target": names.take(pa.array(idx[keep])),
-                      "type": repeated(kind, len(source)), "weight": w[keep], "rank": rank[keep]})
+        columns = {"source": names.take(pa.array(source)), "target": names.take(pa.array(idx[keep])),
+                   "type": repeated(kind, len(source))}
+        if "weight" in writer.header:
+            columns.update(weight=w[keep], rank=rank[keep])
+        writer.write(columns)
         written += len(source)
     return written

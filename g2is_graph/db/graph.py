@@ -20,6 +20,7 @@ import numpy as np
 
 from g2is_graph.config import ConnectionConfig, ServerConfig
 from g2is_graph.errors import GraphError, GraphUnavailable
+from g2is_graph.numerics import exact_matvec
 
 MAX_RETRY_TIME_S = 30.0
 
@@ -221,6 +222,17 @@ class Graph:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.5)
+
+    def conflicts_of(self, sample_id: str) -> list[dict[str, Any]]:
+        """A sample's CONFLICT targets, most negative first (equal cosines by id), with the cosines the build
+        ranked them by: the fixed-order float64 dot of the stored unit vectors (numerics.py), bit for bit.
+        The edges carry no weight (docs/decisions.md, issue 19)."""
+        records = self.read("conflict_of", id=sample_id)
+        if not records:
+            return []
+        cosines = exact_matvec(decode_vectors(records), decode_vectors(records, "source")[0])
+        order = sorted(range(len(records)), key=lambda i: (cosines[i], records[i]["id"]))
+        return [{"id": records[i]["id"], "weight": float(cosines[i]), "rank": rank} for rank, i in enumerate(order)]
 
     def counts(self) -> dict[str, int]:
         return self.read("graph_counts")[0]

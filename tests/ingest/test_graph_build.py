@@ -15,7 +15,7 @@ from g2is_graph.data.synthetic import clustered_vectors, synthetic_rows, synthet
 from g2is_graph.db.graph import Graph, GraphError, decode_vectors
 from g2is_graph.neighbors import knn
 from g2is_graph.neighbors.knn import exact_topk
-from g2is_graph.numerics import float32_dot_error
+from g2is_graph.numerics import exact_matvec, float32_dot_error
 from g2is_graph.store.features import StoreError
 from ingest.graph_build import BuildResult, build_graph
 
@@ -52,8 +52,11 @@ def test_exact_build_writes_nodes_and_the_exact_edges(graph, pool, tmp_path):
         similar = graph.read("similar_of", id=f"s{i}")
         assert [r["id"] for r in similar] == [f"s{j}" for j in exact.similar_index[i]]
         np.testing.assert_allclose([r["weight"] for r in similar], exact.similar_weight[i], atol=1e-6)
-        conflict = graph.read("conflict_of", id=f"s{i}")
+        conflict = graph.conflicts_of(f"s{i}")
         assert [r["id"] for r in conflict] == [f"s{j}" for j in exact.conflict_index[i]]
+        np.testing.assert_allclose([r["weight"] for r in conflict], exact.conflict_weight[i], atol=1e-6)
+        stored = decode_vectors(graph.read("sample_vectors", ids=[f"s{i}"] + [r["id"] for r in similar]))
+        assert list(exact_matvec(stored[1:], stored[0])) == [r["weight"] for r in similar]  # conflicts_of's cosines
         assert all(r["weight"] < 0 for r in conflict)
     stored = decode_vectors(graph.read("sample_vectors", ids=["s7"]))[0]
     np.testing.assert_array_equal(stored, vectors[7])
