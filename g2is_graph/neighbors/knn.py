@@ -19,7 +19,7 @@ import torch
 
 from g2is_graph.config import GraphConfig
 from g2is_graph.model.loading import pick_device
-from g2is_graph.numerics import exact_candidate_dots, float32_dot_error
+from g2is_graph.numerics import exact_candidate_dots, float32_dot_error, row_norms
 
 
 @dataclass(frozen=True)
@@ -66,7 +66,7 @@ def exact_topk(queries: np.ndarray, base: np.ndarray, k: int, exclude: np.ndarra
     base_t = torch.from_numpy(base).to(dev)
     k = min(k, base.shape[0] - (1 if exclude is not None else 0))
     wanted = min(k + MARGIN, base.shape[0] - (1 if exclude is not None else 0))
-    error = float32_dot_error(base.shape[1], float(np.linalg.norm(base, axis=1).max(initial=0.0)) * 1.0001)
+    error = float32_dot_error(base.shape[1], float(row_norms(base).max(initial=0.0)) * 1.0001)
     out = [np.empty((len(queries), k), dtype=np.int64), np.empty((len(queries), k), dtype=np.float64),
            np.empty((len(queries), k), dtype=np.int64), np.empty((len(queries), k), dtype=np.float64)]
     for start in range(0, len(queries), block):
@@ -231,7 +231,7 @@ def _rerank(queries: np.ndarray, base: np.ndarray, rows: np.ndarray, found: np.n
     base = np.ascontiguousarray(base, dtype=np.float32)
     keys = np.arange(len(base)) if keys is None else np.asarray(keys)
     q_all, base_t = torch.from_numpy(queries), torch.from_numpy(base)
-    error = float32_dot_error(base.shape[1], float(np.linalg.norm(base, axis=1).max(initial=0.0)) * 1.0001)
+    error = float32_dot_error(base.shape[1], float(row_norms(base).max(initial=0.0)) * 1.0001)
     out_index = np.empty((len(queries), k), dtype=np.int64)
     out_weight = np.empty((len(queries), k), dtype=np.float64)
     for start in range(0, len(queries), block):
@@ -270,8 +270,8 @@ def ivf_neighbors(queries: np.ndarray, base: np.ndarray, rows: np.ndarray | None
     bounds = np.searchsorted(assign[members], np.arange(cells + 1))
     wanted = min(k + MARGIN, n - (0 if rows is None else 1))
     search = min(n, wanted + (0 if rows is None else 1))  # one more: a query's own row is dropped after the search
-    error = float32_dot_error(base.shape[1], float(np.linalg.norm(base, axis=1).max(initial=0.0)) * 1.0001)
-    q_error = error * np.linalg.norm(queries, axis=1) * 1.0001
+    error = float32_dot_error(base.shape[1], float(row_norms(base).max(initial=0.0)) * 1.0001)
+    q_error = error * row_norms(queries) * 1.0001
     queries_t = torch.from_numpy(queries)
     keys = np.arange(n) if keys is None else np.asarray(keys)
     out = []
