@@ -624,7 +624,7 @@ def import_write(graph: Graph, server: LocalServer, state: GraphState, space: Fe
     started, the schema applied and the lock taken again, then the :FeatureSpace node marked complete.
     Killed before that mark, the database holds nodes but no complete build, and the re-run rewrites it
     through transactions (the importer only ever writes an empty database)."""
-    from g2is_graph.db.bulk import byte_rows, edge_writer, null_bytes, repeated, sample_writer, write_edges
+    from g2is_graph.db.bulk import WIDTH, byte_rows, edge_writer, null_bytes, repeated, sample_writer, write_edges
 
     files = state.dir / "import"
     files.mkdir(exist_ok=True)
@@ -636,10 +636,10 @@ def import_write(graph: Graph, server: LocalServer, state: GraphState, space: Fe
     meta = _meta_rows(state)
     dots_basis, dots_key = _import_validation_basis(space, validation_stores, vectors.shape[1])
     keep = ("source_file", "line", "dataset", "content_hash", "n_tokens", "n_loss_tokens", "preview")
-    # rows per part from a text budget: a row's vector is 4 d bytes written as 5 characters each, and a part's
-    # text exists about three times over (the lookup, arrow's column, the CSV writer's); 20k rows a part held
-    # 1.2 GB at 1024 dims (issue 19)
-    chunk = max(64, part_bytes // (5 * 4 * vectors.shape[1]))
+    # rows per part from a text budget: a row's vector is 4 d bytes written as WIDTH characters each, and a
+    # part's text exists about three times over (the lookup, arrow's column, the CSV writer's); 20k rows a
+    # part held 1.2 GB at 1024 dims (issue 19)
+    chunk = max(64, part_bytes // (WIDTH * vectors.dtype.itemsize * vectors.shape[1]))
     parts = [np.arange(i, min(i + chunk, state.n)) for i in range(0, state.n, chunk)]
     with tqdm(total=state.n, unit="node", desc="import files", disable=not progress) as bar, \
             sample_writer(files / "samples.csv") as nodes:

@@ -227,12 +227,13 @@ class Graph:
         """A sample's CONFLICT targets, most negative first (equal cosines by id), with the cosines the build
         ranked them by: the fixed-order float64 dot of the stored unit vectors (numerics.py), bit for bit.
         The edges carry no weight (docs/decisions.md, issue 19)."""
-        records = self.read("conflict_of", id=sample_id)
-        if not records:
+        found = self.read("conflict_of", id=sample_id)
+        targets = found[0]["targets"] if found else []
+        if not targets:
             return []
-        cosines = exact_matvec(decode_vectors(records), decode_vectors(records, "source")[0])
-        order = sorted(range(len(records)), key=lambda i: (cosines[i], records[i]["id"]))
-        return [{"id": records[i]["id"], "weight": float(cosines[i]), "rank": rank} for rank, i in enumerate(order)]
+        cosines = exact_matvec(decode_vectors(targets), decode_vectors(found, "source")[0])
+        order = sorted(range(len(targets)), key=lambda i: (cosines[i], targets[i]["id"]))
+        return [{"id": targets[i]["id"], "weight": float(cosines[i]), "rank": rank} for rank, i in enumerate(order)]
 
     def counts(self) -> dict[str, int]:
         return self.read("graph_counts")[0]
