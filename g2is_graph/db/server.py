@@ -39,6 +39,7 @@ from g2is_graph.errors import ServerError
 from g2is_graph.files import atomic_write_json, atomic_write_text
 from g2is_graph.locks import FileLock, ProcessIdentity
 
+MUNINN_GROWTH_TOGGLE = "org.neo4j.io.pagecache.impl.muninn.MuninnPagedFile.maxChunkGrowth"
 JVM_FLAGS = [
     "-XX:+UseG1GC", "-XX:-OmitStackTraceInFastThrow", "-XX:+UnlockExperimentalVMOptions",
     "-XX:+TrustFinalNonStaticFields", "-XX:+DisableExplicitGC", "-XX:+ExitOnOutOfMemoryError",
@@ -47,6 +48,10 @@ JVM_FLAGS = [
     "--add-opens=java.base/java.nio=ALL-UNNAMED", "--add-opens=java.base/java.io=ALL-UNNAMED",
     "--add-opens=java.base/sun.nio.ch=ALL-UNNAMED", "--add-opens=java.base/java.util.concurrent=ALL-UNNAMED",
     "--enable-native-access=ALL-UNNAMED",
+    # Store files grow by at most one 32 MiB chunk of the page cache's translation table at a time, not by 10%
+    # (up to 16 chunks): the default left 5-11% of a 1M-node store as preallocated zeros (issue 19;
+    # `MuninnPagedFile.maxChunkGrowth`, a Neo4j feature toggle read by the importer and the server alike).
+    f"-D{MUNINN_GROWTH_TOGGLE}=1",
 ]
 ENTRY_POINT = "org.neo4j.server.CommunityEntryPoint"
 ADMIN_TOOL = "org.neo4j.cli.AdminTool"
