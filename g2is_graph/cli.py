@@ -484,14 +484,23 @@ def graph_group() -> None:
 @with_options(graph_options)
 @click.pass_obj
 def graph_build(obj: Context, stores, state_dir, validation_stores, **flags) -> None:
-    """Add the training feature STORES (one per checkpoint) to the graph; re-running is a no-op."""
+    """Add the training feature STORES (one per checkpoint) to the graph; re-running is a no-op.
+
+    Under torchrun or accelerate launch (with --exact) every rank computes the neighbour lists of a share of
+    the rows on its own GPU and rank 0 writes the graph."""
+    from g2is_graph.neighbors.ranks import with_launched_search
     from ingest.graph_build import build_graph
 
     config = obj.build(cfg.GraphConfig, "graph", **flags)
-    with obj.graph() as graph:
-        result = build_graph(graph, stores, config, state_dir, validation_stores, echo=obj.echo,
-                             progress=not obj.quiet, server=obj.local_server())
-    click.echo(result.summary())
+
+    def build(search):
+        with obj.graph() as graph:
+            return build_graph(graph, stores, config, state_dir, validation_stores, echo=obj.echo,
+                               progress=not obj.quiet, server=obj.local_server(), search=search)
+
+    result = with_launched_search(config.exact, config.device, build)
+    if result is not None:  # rank 0, or a single process
+        click.echo(result.summary())
 
 
 @main.command()
@@ -503,7 +512,10 @@ def graph_build(obj: Context, stores, state_dir, validation_stores, **flags) -> 
 def ingest(obj: Context, records, model_spec, checkpoints, features, projector_kind, dim, projector_seed, state_dir,
            validation_stores, max_length, template, prompt_completion, skip_bad, **flags) -> None:
     """Add new RECORDS to an existing graph: featurise only unseen content, then extend the graph."""
-    from g2is_graph.distributed import ranks_from_env
+    from contextlib import nullcontext
+
+    from g2is_graph.distributed import process_group, rank_device, ranks_from_env
+    from g2is_graph.neighbors.ranks import RankedSearch, serve
     from ingest.gradients import run_gradients
     from ingest.graph_build import build_graph, check_state_against_database, graph_content_hashes, graph_projector
 
@@ -520,13 +532,20 @@ def ingest(obj: Context, records, model_spec, checkpoints, features, projector_k
         return run_gradients(records, model_spec, checkpoints, features, gradient_config, projector, data_config,
                              echo=obj.echo, progress=not obj.quiet, skip_content=graph_content_hashes(state_dir))
 
-    if not ranks_from_env().is_main:  # under a launcher the ranks share the featurisation; rank 0 builds the graph
-        featurise()
-        return
-    with obj.graph() as graph:
-        check_state_against_database(graph, state_dir)  # before hours of featurising for the wrong graph
-        result = build_graph(graph, featurise().stores, config, state_dir, validation_stores, echo=obj.echo,
-                             progress=not obj.quiet, server=obj.local_server())
+    ranks = ranks_from_env()
+    device = rank_device(ranks, gradient_config.device)
+    spread = ranks.distributed and config.exact  # exact lists of the new rows: a share per rank, as in graph build
+    with process_group(ranks, device):
+        if not ranks.is_main:  # under a launcher the ranks share the featurisation; rank 0 builds the graph
+            featurise()
+            if spread:
+                serve(ranks, rank_device(ranks, config.device))
+            return
+        with obj.graph() as graph, (RankedSearch(ranks, rank_device(ranks, config.device)) if spread
+                                    else nullcontext()) as search:
+            check_state_against_database(graph, state_dir)  # before hours of featurising for the wrong graph
+            result = build_graph(graph, featurise().stores, config, state_dir, validation_stores, echo=obj.echo,
+                                 progress=not obj.quiet, server=obj.local_server(), search=search)
     click.echo(result.summary())
 
 

@@ -44,6 +44,7 @@ from g2is_graph.errors import hinted
 from g2is_graph.files import atomic_write_json
 from g2is_graph.locks import DatabaseLock, FileLock
 from g2is_graph.neighbors.knn import HnswIndex, Neighbors, exact_topk, ivf_neighbors, measure_recall
+from g2is_graph.neighbors.ranks import RankedSearch
 from g2is_graph.provenance import check_saved, provenance
 from g2is_graph.selection.diagnostics import pool_cosine_stats
 from g2is_graph.store.features import FeatureStore, StoreError
@@ -211,15 +212,22 @@ def id_keys(ids: Sequence[str]) -> np.ndarray:
 
 
 def compute_neighbors(old: Neighbors | None, vectors: np.ndarray, n_old: int, config: GraphConfig,
-                      index: HnswIndex | None, keys: np.ndarray) -> tuple[Neighbors, HnswIndex | None, np.ndarray]:
+                      index: HnswIndex | None, keys: np.ndarray, search: RankedSearch | None = None
+                      ) -> tuple[Neighbors, HnswIndex | None, np.ndarray]:
     """Lists for all nodes after adding rows [n_old, N); returns them, the index and the changed rows.
-    `keys` orders rows of equal cosine (`id_keys`)."""
+    `keys` orders rows of equal cosine (`id_keys`); `search` spreads exact search over a launched job's ranks."""
+
+    def exact(queries, base, k, exclude=None, keys=None):
+        if search is not None:
+            return search.exact_topk(queries, base, k, exclude, keys)
+        return exact_topk(queries, base, k, exclude=exclude, device=config.device, keys=keys)
+
     n = len(vectors)
     k = min(config.k, n - 1)
     new_rows = np.arange(n_old, n)
     if old is None or old.similar_index.shape[1] < k:  # first build, or k was capped by a tiny graph
         if config.exact:
-            lists = exact_topk(vectors, vectors, k, exclude=np.arange(n), device=config.device, keys=keys)
+            lists = exact(vectors, vectors, k, exclude=np.arange(n), keys=keys)
         elif config.index == "ivf":
             lists = ivf_neighbors(vectors, vectors, np.arange(n), k, config, keys)
         else:
@@ -228,9 +236,8 @@ def compute_neighbors(old: Neighbors | None, vectors: np.ndarray, n_old: int, co
         return lists, index, np.arange(n)
     newcomers = vectors[n_old:]
     if config.exact:
-        fresh = exact_topk(newcomers, vectors, k, exclude=new_rows, device=config.device, keys=keys)
-        among_new = exact_topk(vectors[:n_old], newcomers, min(k, len(newcomers)), device=config.device,
-                               keys=keys[n_old:])
+        fresh = exact(newcomers, vectors, k, exclude=new_rows, keys=keys)
+        among_new = exact(vectors[:n_old], newcomers, min(k, len(newcomers)), keys=keys[n_old:])
     elif config.index == "ivf":
         fresh = ivf_neighbors(newcomers, vectors, new_rows, k, config, keys)
         among_new = ivf_neighbors(vectors[:n_old], newcomers, None, min(k, len(newcomers)), config, keys[n_old:])
@@ -333,20 +340,23 @@ def write_locks(graph: Graph, state_dir: Path, config: GraphConfig, echo) -> Ite
 
 def build_graph(graph: Graph, train_stores: Sequence[str | Path], config: GraphConfig,
                 state_dir: str | Path | None = None, validation_stores: Sequence[str | Path] = (),
-                echo=print, progress: bool = True, server: LocalServer | None = None) -> BuildResult:
+                echo=print, progress: bool = True, server: LocalServer | None = None,
+                search: RankedSearch | None = None) -> BuildResult:
     """Add the stores' examples to the graph (first build or incremental) and write what the database lacks.
     `server`: the project-managed server `graph` is connected to, which a large first build into an empty
-    database replaces offline (`neo4j-admin database import`); None for a server reached by URI."""
+    database replaces offline (`neo4j-admin database import`); None for a server reached by URI. `search`:
+    exact search spread over the ranks of a launched job (neighbors/ranks.py)."""
     stores = open_stores(train_stores)
     space = space_of(stores)
     state_dir = Path(state_dir) if state_dir else stores[0].path.parent / "graph"
     with write_locks(graph, state_dir, config, echo) as lock:
-        return _build_locked(graph, stores, space, config, state_dir, validation_stores, lock, echo, progress, server)
+        return _build_locked(graph, stores, space, config, state_dir, validation_stores, lock, echo, progress, server,
+                             search)
 
 
 def _build_locked(graph: Graph, stores: list[FeatureStore], space: FeatureSpace, config: GraphConfig, state_dir: Path,
                   validation_stores: Sequence[str | Path], lock: DatabaseLock, echo, progress: bool,
-                  server: LocalServer | None = None) -> BuildResult:
+                  server: LocalServer | None = None, search: RankedSearch | None = None) -> BuildResult:
     timings: dict[str, float] = {}
     started = time.perf_counter()
     state = GraphState.open(state_dir, space, config)
@@ -359,7 +369,7 @@ def _build_locked(graph: Graph, stores: list[FeatureStore], space: FeatureSpace,
     known = {tuple(seg["stores"]) for seg in state.data["segments"]}
     n_new = n_duplicates = 0
     if tuple(segment_key) not in known:
-        n_new, n_duplicates = _add_segment(state, stores, segment_key, config, timings, echo)
+        n_new, n_duplicates = _add_segment(state, stores, segment_key, config, timings, echo, search)
     timings["compute"] = time.perf_counter() - started
 
     result = BuildResult(space.id, state_dir, state.n, n_new, n_duplicates, 0, state.data.get("recall"), timings)
@@ -501,7 +511,7 @@ def check_state_against_database(graph: Graph, state_dir: str | Path) -> None:
 
 
 def _add_segment(state: GraphState, stores, segment_key: list[str], config: GraphConfig,
-                 timings: dict[str, float], echo) -> tuple[int, int]:
+                 timings: dict[str, float], echo, search: RankedSearch | None = None) -> tuple[int, int]:
     seen = set(state.data["content_hashes"])
     known_ids = set(state.data["ids"])
     taken, new_ids, new_hashes, duplicates, n_rows = [], [], [], 0, 0
@@ -534,7 +544,7 @@ def _add_segment(state: GraphState, stores, segment_key: list[str], config: Grap
     if not config.exact and config.index == "hnsw" and n_old:
         index = state.load_index(vectors[:n_old], config, len(vectors), echo)
     keys = id_keys(state.data["ids"] + new_ids)
-    lists, index, changed = compute_neighbors(old, vectors, n_old, config, index, keys)
+    lists, index, changed = compute_neighbors(old, vectors, n_old, config, index, keys, search)
     timings["neighbors"] = time.perf_counter() - t0
     previous = state.data["build"]
     build = previous + 1

@@ -1,5 +1,6 @@
 """torchrun on 2 CPU processes (gloo): the gradient job splits its chunks by rank into one store equal to a
-single process's, and the warmup is data-parallel with the name-keyed Adam state of a single-process run."""
+single process's, the warmup is data-parallel with the name-keyed Adam state of a single-process run, and an
+exact graph build spreads the neighbour search by rows into the graph one process builds."""
 
 from __future__ import annotations
 
@@ -13,20 +14,26 @@ import numpy as np
 import pytest
 import torch
 
+from g2is_graph.config import GraphConfig
+from g2is_graph.data.synthetic import clustered_vectors, synthetic_rows, synthetic_store
 from g2is_graph.distributed import Ranks, rank_device, ranks_from_env
 from g2is_graph.errors import ConfigError
+from g2is_graph.neighbors.knn import Neighbors
+from g2is_graph.neighbors.ranks import share
 from g2is_graph.store.features import FeatureStore
+from ingest.graph_build import build_graph
 
 BIN = Path(sys.executable).parent
 WARMUP_ARGS = ["--fraction", "1.0", "--epochs", "2", "--lr", "1e-3", "--batch-size", "1", "--grad-accumulation", "4",
                "--lora-r", "4", "--lora-alpha", "16"]
 
 
-def g2is(args: list[str], cwd: Path, ranks: int | None = None) -> subprocess.CompletedProcess:
+def g2is(args: list[str], cwd: Path, ranks: int | None = None, **env_vars: str) -> subprocess.CompletedProcess:
     """`python -m g2is_graph.cli ARGS`, or the same under `torchrun --standalone --nproc-per-node RANKS`; one
     thread per process either way, so both runs do their float arithmetic alike."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env.update(OMP_NUM_THREADS="1", G2IS_HOME=str(cwd / "home"), PYTHONPATH=str(Path(__file__).parents[1]))
+    env.update(OMP_NUM_THREADS="1", G2IS_HOME=str(cwd / "home"), PYTHONPATH=str(Path(__file__).parents[1]),
+               **env_vars)
     launcher = [str(BIN / "torchrun"), "--standalone", f"--nproc-per-node={ranks}"] if ranks else [sys.executable]
     done = subprocess.run(launcher + ["-m", "g2is_graph.cli", "-q", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=600)
@@ -107,3 +114,40 @@ def test_ranks_come_from_the_launcher_environment():
     assert rank_device(Ranks(1, 2, 1), "cpu") == "cpu"
     if torch.cuda.is_available():
         assert rank_device(Ranks(1, 2, 1), "auto") == "cuda:1"
+
+
+def edges(graph) -> set[tuple]:
+    return {tuple(r.values()) for r in graph._run_auto(
+        "MATCH (a:Sample)-[e]->(b:Sample) RETURN type(e) AS kind, a.id AS a, b.id AS b, e.weight AS w, e.rank AS r")}
+
+
+def test_launched_exact_graph_build_splits_rows_over_ranks_into_the_single_process_graph(graph, neo4j_uri, tmp_path):
+    """45 rows (rank 0 takes 22, rank 1 23), then 7 more incrementally (the newcomers' lists and the old rows'
+    lists among the newcomers: both searches spread); the lists and the database equal one process's build."""
+    vectors = clustered_vectors(52, 24, clusters=4, spread=0.8, seed=7)
+    first = synthetic_store(tmp_path / "a" / "c", vectors[:45], synthetic_rows(45)).path
+    second = synthetic_store(tmp_path / "b" / "c", vectors[45:], synthetic_rows(7, start=45)).path
+    for store in (first, second):
+        launched = g2is(["graph", "build", str(store), "--exact", "--k", "5", "--state", "launched"], tmp_path,
+                        ranks=2, NEO4J_URI=neo4j_uri)
+        assert "graph " in launched.stdout and launched.stdout.count("samples") == 1  # rank 0 alone reports
+    launched_edges = edges(graph)
+    assert len({e for e in launched_edges if e[0] == "SIMILAR"}) == 52 * 5
+    with pytest.raises(AssertionError, match="only exact search is spread"):
+        g2is(["graph", "build", str(first), "--hnsw", "--state", "other"], tmp_path, ranks=2, NEO4J_URI=neo4j_uri)
+    graph.clear()
+    graph.init_schema()
+    config = GraphConfig(k=5, exact=True, device="cpu")
+    for store in (first, second):
+        build_graph(graph, [store], config, tmp_path / "single", echo=lambda m: None, progress=False)
+    assert edges(graph) == launched_edges
+    one, two = (Neighbors.load(tmp_path / d / "neighbors-2.npz") for d in ("single", "launched"))
+    for name in Neighbors.__dataclass_fields__:
+        np.testing.assert_array_equal(getattr(two, name), getattr(one, name))
+
+
+def test_rows_are_shared_contiguously_and_evenly():
+    for n, world in ((45, 2), (7, 3), (2, 4), (0, 2)):
+        parts = [share(n, Ranks(r, world), r) for r in range(world)]
+        assert parts[0][0] == 0 and parts[-1][1] == n and all(a[1] == b[0] for a, b in zip(parts, parts[1:]))
+        assert max(b - a for a, b in parts) - min(b - a for a, b in parts) <= 1
