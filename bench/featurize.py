@@ -21,6 +21,7 @@ correlation between the exact and the projected features' pairwise cosines, and 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import resource
@@ -159,7 +160,7 @@ def main() -> None:
     parser.add_argument("--projectors", default="sparse,rademacher",
                         help="comma list of projectors to time besides the default (dense ones only when D x dim "
                              "is under 2e10 entries)")
-    parser.add_argument("--autocasts", default="float32,bfloat16")
+    parser.add_argument("--autocasts", default="float32,bfloat16,base-bfloat16")
     parser.add_argument("--skip-gradients-only", action="store_true")
     args = parser.parse_args()
     device = pick_device(args.device)
@@ -182,6 +183,15 @@ def main() -> None:
     adam = real_adam_state(model, adam_examples, pad, args.adam_steps).to(device)
     model.eval()
     extractor = PerExampleGradients(model)
+    extractors = {}
+
+    def extractor_for(autocast):
+        """base-bfloat16 converts its model in place: it gets a copy, the other paths share the float32 model."""
+        if autocast != "base-bfloat16":
+            return extractor
+        if autocast not in extractors:
+            extractors[autocast] = PerExampleGradients(copy.deepcopy(model))
+        return extractors[autocast]
     in_dim = extractor.spec.dim
     batch_size = args.batch_size or GradientConfig().batch_for(device)
     dense_ok = in_dim * args.dim <= 2e10
@@ -223,13 +233,14 @@ def main() -> None:
     projectors = {}
 
     def projector_for(config):
-        if config.kind not in projectors:
-            projectors[config.kind] = Projector(config, in_dim, device)
-        return projectors[config.kind]
+        if config not in projectors:
+            projectors[config] = Projector(config, in_dim, device)
+        return projectors[config]
 
     # warm-up: kernels, allocator, the projectors' caches
     for config, autocast in paths.values():
-        GradientFeaturizer(extractor, projector_for(config), adam, autocast=autocast).features(*collate(warm[:batch_size], pad))
+        GradientFeaturizer(extractor_for(autocast), projector_for(config), adam,
+                           autocast=autocast).features(*collate(warm[:batch_size], pad))
 
     results = {}
     base_projector = projector_for(ProjectorConfig(kind=baseline_kind, dim=args.dim))
@@ -237,7 +248,7 @@ def main() -> None:
     base_features, *results[base_name] = peak_rss_growth(lambda: baseline(base_projector, encoded, True), base_name,
                                                          len(encoded))
     for name, (config, autocast) in paths.items():
-        featurizer = GradientFeaturizer(extractor, projector_for(config), adam, autocast=autocast)
+        featurizer = GradientFeaturizer(extractor_for(autocast), projector_for(config), adam, autocast=autocast)
         features, *results[name] = peak_rss_growth(lambda: streamed(featurizer, encoded), name, len(encoded))
         if name == f"{baseline_kind} float32":  # the same numbers computed another way: they must agree
             diff = (base_features - features).abs().max().item() / base_features.abs().max().item()
@@ -249,7 +260,8 @@ def main() -> None:
         by_length = sorted(encoded, key=lambda e: e.n_tokens)
         for autocast in args.autocasts.split(","):
             _, *results[f"gradients only, batched {autocast}"] = peak_rss_growth(lambda: [
-                extractor.stream(*collate(by_length[b:b + batch_size], pad), lambda i, s, g: None, autocast)
+                extractor_for(autocast).stream(*collate(by_length[b:b + batch_size], pad), lambda i, s, g: None,
+                                               autocast)
                 for b in range(0, len(by_length), batch_size)], f"gradients only, batched {autocast}", len(encoded))
     reference = results[base_name][0]
     print("\n| path | s | examples/s | vs baseline | peak RSS growth |\n|---|---|---|---|---|")
@@ -271,7 +283,8 @@ def main() -> None:
                 projected = baseline(base_projector, fid, state is not None)
             else:
                 config, autocast = setting
-                projected = streamed(GradientFeaturizer(extractor, projector_for(config), state, autocast=autocast), fid)
+                projected = streamed(GradientFeaturizer(extractor_for(autocast), projector_for(config), state,
+                                                        autocast=autocast), fid)
             cells += pairwise_fidelity(exact, projected.cpu())
         print(f"| {name} | {cells[0]:.4f} | {cells[1]:.4f} | {cells[2]:.4f} | {cells[3]:.4f} |", flush=True)
     print(f"\nprocess peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB "

@@ -47,9 +47,12 @@ LESS_RATE = 0.151  # examples/s of LESS's own code at r=128 (quoted from issue 1
 LESS_QUOTED = "| LESS's own code on this class of machine (bs 1, TRAK CPU projector, bf16; quoted from the issue) " \
               f"| {LESS_RATE} | 1.0x | 10.6-14.6 GiB | 0.981 / 0.985 |"
 # name -> extra `g2is gradients` flags
-RUNS = {"default": [], "sparse-float32": ["--projector", "sparse", "--autocast", "float32"],
-        "sparse-bfloat16": ["--projector", "sparse", "--autocast", "bfloat16"],
-        "model-bfloat16": ["--projector", "sparse", "--dtype", "bfloat16", "--autocast", "float32"],
+RUNS = {"default": [],
+        "before": ["--autocast", "float32", "--sparse-nnz", "4"],  # the default until 2026-12-06 (sparse, 4 non-zeros)
+        "float32": ["--autocast", "float32"],
+        "nnz-4": ["--sparse-nnz", "4"],
+        "autocast-bfloat16": ["--autocast", "bfloat16"],
+        "model-bfloat16": ["--dtype", "bfloat16", "--autocast", "float32"],
         "batch-2": ["--batch-size", "2"]}
 
 
@@ -222,7 +225,8 @@ def main() -> None:
         fidelity = " / ".join(f"{pairwise_fidelity(exact[k], torch.from_numpy(st.load('raw')[:args.fidelity_n]))[0]:.4f}"
                               for k, (_, _, st) in zip(kinds, runs))
         meta = runs[0][2].meta
-        print(f"| `g2is gradients` {name} ({meta['projector']['kind']}, autocast {meta.get('autocast', 'float32')}) "
+        print(f"| `g2is gradients` {name} ({meta['projector']['kind']} {meta['projector'].get('sparse_nnz', '')}, "
+              f"autocast {meta.get('autocast', 'float32')}) "
               f"| {rate} | {ratio} | {rss} | {fidelity} |")
     print(f"| plain batch-size-1 autograd, no projection (in process) | {len(records) / exact_seconds:.2f} | - | - | exact |")
     print(f"\nload average at the end: {load()}")

@@ -428,6 +428,7 @@ projector_options = [
     field_option(cfg.ProjectorConfig, "kind", "--projector", dest="projector_kind"),
     field_option(cfg.ProjectorConfig, "dim"),
     field_option(cfg.ProjectorConfig, "seed", "--projector-seed"),
+    field_option(cfg.ProjectorConfig, "sparse_nnz", "--sparse-nnz"),
 ]
 
 
@@ -443,8 +444,8 @@ projector_options = [
                                             "torchrun or accelerate launch each rank is a shard.")
 @with_options(data_options)
 @click.pass_obj
-def gradients(obj: Context, records, model_spec, checkpoints, out, projector_kind, dim, projector_seed, shard,
-              max_length, template, prompt_completion, skip_bad, **flags) -> None:
+def gradients(obj: Context, records, model_spec, checkpoints, out, projector_kind, dim, projector_seed, sparse_nnz,
+              shard, max_length, template, prompt_completion, skip_bad, **flags) -> None:
     """Per-example projected LoRA gradient features of RECORDS, one store per checkpoint.
 
     `torchrun --nproc-per-node N -m g2is_graph.cli gradients ...` (or accelerate launch) runs one shard per rank."""
@@ -452,7 +453,8 @@ def gradients(obj: Context, records, model_spec, checkpoints, out, projector_kin
     from ingest.gradients import parse_shard, run_gradients
 
     config = obj.build(cfg.GradientConfig, "gradients", **flags)
-    projector = obj.build(cfg.ProjectorConfig, "projector", kind=projector_kind, dim=dim, seed=projector_seed)
+    projector = obj.build(cfg.ProjectorConfig, "projector", kind=projector_kind, dim=dim, seed=projector_seed,
+                          sparse_nnz=sparse_nnz)
     data_config = data_for(config.kind, _data_config(obj, max_length, template, skip_bad, prompt_completion),
                            "eos_after_assistant" in obj.section("data"))
     result = run_gradients(records, model_spec, checkpoints, out, config, projector, data_config,
@@ -509,8 +511,8 @@ def graph_build(obj: Context, stores, state_dir, validation_stores, **flags) -> 
               help="Directory for the new records' feature stores.")
 @with_options(projector_options + graph_options + data_options)
 @click.pass_obj
-def ingest(obj: Context, records, model_spec, checkpoints, features, projector_kind, dim, projector_seed, state_dir,
-           validation_stores, max_length, template, prompt_completion, skip_bad, **flags) -> None:
+def ingest(obj: Context, records, model_spec, checkpoints, features, projector_kind, dim, projector_seed, sparse_nnz,
+           state_dir, validation_stores, max_length, template, prompt_completion, skip_bad, **flags) -> None:
     """Add new RECORDS to an existing graph: featurise only unseen content, then extend the graph."""
     from contextlib import nullcontext
 
@@ -522,8 +524,9 @@ def ingest(obj: Context, records, model_spec, checkpoints, features, projector_k
     if state_dir is None:
         raise cfg.ConfigError("--state is required: the graph state directory the records are added to")
     config = obj.build(cfg.GraphConfig, "graph", **flags)
-    projector = obj.build(cfg.ProjectorConfig, "projector", kind=projector_kind, dim=dim, seed=projector_seed)
-    if projector_kind is None and dim is None and projector_seed is None and not obj.section("projector"):
+    projector = obj.build(cfg.ProjectorConfig, "projector", kind=projector_kind, dim=dim, seed=projector_seed,
+                          sparse_nnz=sparse_nnz)
+    if (projector_kind, dim, projector_seed, sparse_nnz) == (None,) * 4 and not obj.section("projector"):
         projector = graph_projector(state_dir) or projector  # the graph's own, even if the default has changed since
     gradient_config = obj.build(cfg.GradientConfig, "gradients")
     data_config = _data_config(obj, max_length, template, skip_bad, prompt_completion)

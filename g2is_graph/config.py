@@ -445,7 +445,8 @@ class ProjectorConfig(Settings):
         "sparse", "the random matrix's entries (default measured: docs/benchmarks.md, docs/decisions.md)")
     dim: int = opt(8192, "output dimensions (LESS: 8192)")
     seed: int = opt(0, "the matrix's seed (part of the feature space)")
-    sparse_nnz: int = opt(4, "sparse only: non-zeros per input coordinate")
+    sparse_nnz: int = opt(1, "sparse only: non-zeros per input coordinate (1, a CountSketch: measured as faithful as "
+                             "4 on real r=128 gradients, for a quarter of the scatter work; docs/benchmarks.md)")
     block_rows: int = opt(4096, "rows per generated block (part of the matrix's identity)")
     cache_mb: int = opt(1024, "generated matrix rows kept on the device between batches (speed only, never the result)")
 
@@ -469,10 +470,12 @@ class GradientConfig(Settings):
     chunk_rows: int = opt(256, "rows per store chunk (fixed: resume and sharding rely on it)")
     store_dtype: Literal["float32", "float16"] = opt("float32", "dtype of the stored features")
     dtype: Dtype = opt("float32", "model dtype; accumulation is always float32")
-    autocast: Literal["auto", "float32", "bfloat16"] = opt(
-        "auto", "matrix products of the model: auto is bfloat16 on GPUs with bfloat16 and float32 on CPUs (bfloat16 "
-                "measured slower there, even with AMX); gradients are formed, projected and stored in float32 "
-                "either way")
+    autocast: Literal["auto", "float32", "bfloat16", "base-bfloat16"] = opt(
+        "auto", "precision of the model's matrix products: bfloat16 is torch.autocast (every product, LoRA "
+                "included); base-bfloat16 runs only the frozen base layers in bfloat16 (LoRA, attention, norms and "
+                "the gradient's factors stay float32: as faithful as float32); auto is bfloat16 on GPUs with "
+                "bfloat16, base-bfloat16 on CPUs with AVX512-BF16/AMX, float32 elsewhere; gradients are formed, "
+                "projected and stored in float32 either way")
     device: str = opt("auto", "auto, cpu, cuda or cuda:N")
 
     def check(self) -> None:

@@ -75,6 +75,50 @@ class ParameterSpec:
         return {"names": list(self.names), "shapes": [list(s) for s in self.shapes], "dim": self.dim}
 
 
+BASE_BFLOAT16 = "_g2is_base_bfloat16"  # set on a model whose base layers bfloat16_base_layers converted
+
+
+def _to_bfloat16(module, args):
+    return (args[0].to(torch.bfloat16), *args[1:])
+
+
+def _to_float32(module, args, output):
+    return output.float()
+
+
+def bfloat16_base_layers(model) -> int:
+    """Run the frozen base model's linear layers (attention and MLP projections, the output head) in bfloat16:
+    their weights become bfloat16 and each call casts its input to bfloat16 and its output back to float32.
+    LoRA weights, embeddings, norms, attention and the residual stream stay float32, and so do the factors of
+    every per-example gradient (each LoRA weight's input and output gradient); torch.autocast rounds those too,
+    which is where its fidelity went (docs/benchmarks.md, issue 17). In place and once (the model keeps no
+    float32 copy); returns the number of layers converted. A head tied to the input embeddings gets its own
+    bfloat16 copy, so the embeddings stay float32."""
+    if getattr(model, BASE_BFLOAT16, False):
+        return 0
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = base.get_output_embeddings()
+    embeddings = base.get_input_embeddings()
+    converted = 0
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear) or ".lora_" in name or module.weight.requires_grad:
+            continue
+        weight = module.weight
+        if module is head and embeddings is not None and weight is embeddings.weight:
+            weight = weight.detach().clone()
+        module.weight = torch.nn.Parameter(weight.detach().to(torch.bfloat16), requires_grad=False)
+        if module.bias is not None:
+            module.bias = torch.nn.Parameter(module.bias.detach().to(torch.bfloat16), requires_grad=False)
+        module.register_forward_pre_hook(_to_bfloat16)
+        module.register_forward_hook(_to_float32)
+        converted += 1
+    for name, param in model.named_parameters():  # the rest off the loaded file's memory map, which then goes
+        if param.dtype != torch.bfloat16 and ".lora_" not in name:  # (its pages would stay resident: +0.8 GB)
+            param.data = param.data.clone()
+    setattr(model, BASE_BFLOAT16, True)
+    return converted
+
+
 class PerExampleGradients:
     """Batched per-example gradients of the LoRA A/B weights of a peft model, one weight at a time.
 
@@ -132,10 +176,15 @@ class PerExampleGradients:
         """Call consume(index, start, grads [B, n] float32) once per LoRA weight (spec index, first coordinate
         in the flattened gradient) during one backward pass; returns the [B] float32 losses.
 
-        autocast "bfloat16" runs the model's matrix products in bfloat16 (torch.autocast); gradients are
-        still formed and handed over in float32. The model must be in eval mode."""
+        autocast "bfloat16" runs the model's matrix products in bfloat16 (torch.autocast); "base-bfloat16"
+        needs the model's base layers in bfloat16 (bfloat16_base_layers); gradients are still formed and
+        handed over in float32. The model must be in eval mode."""
         if self.model.training:
             raise GradientError("call model.eval() first: dropout would make gradients random")
+        if getattr(self.model, BASE_BFLOAT16, False) != (autocast == "base-bfloat16"):
+            raise GradientError(f"autocast {autocast!r} on a model whose base layers are "
+                                f"{'bfloat16' if getattr(self.model, BASE_BFLOAT16, False) else 'float32'}: "
+                                "base-bfloat16 and the model's state go together (load the model again)")
         device = next(self.model.parameters()).device
         self._attach(consume)
         try:
@@ -220,9 +269,11 @@ def cpu_bf16_units() -> list[str]:
 
 
 def resolve_autocast(setting: str, device: str) -> tuple[str, str]:
-    """(float32 | bfloat16, why) for GradientConfig.autocast on `device`; `auto` takes bfloat16 on GPUs with
-    bfloat16 only. On CPUs it stays float32 even where AMX-BF16/AVX512-BF16 exist: on the CI machine's Xeon,
-    which has both, bfloat16 autocast measured slower than float32 (docs/benchmarks.md, issue 17)."""
+    """(float32 | bfloat16 | base-bfloat16, why) for GradientConfig.autocast on `device`. `auto` takes
+    bfloat16 autocast on GPUs with bfloat16 (measured on an H100 in issue 3), base-bfloat16 on CPUs whose
+    flags list AMX-BF16 or AVX512-BF16 (the base layers' products in bfloat16, everything the gradient is
+    formed from in float32: faster than float32 and as faithful, docs/benchmarks.md, issue 17), else float32
+    (a CPU without bfloat16 instructions emulates them, slower than float32)."""
     if setting != "auto":
         return setting, "as configured"
     if device.startswith("cuda"):
@@ -231,9 +282,11 @@ def resolve_autocast(setting: str, device: str) -> tuple[str, str]:
         return "float32", "auto: this GPU has no bfloat16"
     units = cpu_bf16_units()
     if units:
-        return "float32", (f"auto: float32 on CPUs; this one has {'/'.join(units)}, but bfloat16 autocast measured "
-                           "slower than float32 on such a CPU (--autocast bfloat16 to try it)")
-    return "float32", "auto: float32 on CPUs"
+        return "base-bfloat16", f"auto: this CPU has {'/'.join(units)}; LoRA, attention and norms stay float32"
+    return "float32", "auto: this CPU has no bfloat16 instructions"
+
+
+AUTOCASTS = ("float32", "bfloat16", "base-bfloat16")
 
 
 class GradientFeaturizer:
@@ -241,7 +294,8 @@ class GradientFeaturizer:
 
     Each weight's per-example gradient is turned into its Adam feature with that weight's slice of the
     moments (the feature is elementwise) and projected with the matrix rows at its absolute coordinates,
-    then dropped; the sum over weights is the projection of the whole feature vector."""
+    then dropped; the sum over weights is the projection of the whole feature vector. autocast
+    "base-bfloat16" converts the extractor's model in place (bfloat16_base_layers) when it is made."""
 
     def __init__(self, extractor: PerExampleGradients, projector, adam: AdamState | None = None,
                  adam_form: str = "less", autocast: str = "float32"):
@@ -249,8 +303,10 @@ class GradientFeaturizer:
             raise GradientError(f"projector expects {projector.in_dim} coordinates, the adapter has {extractor.spec.dim}")
         if adam is not None and adam.exp_avg.numel() != extractor.spec.dim:
             raise GradientError(f"Adam state has {adam.exp_avg.numel()} coordinates, the adapter {extractor.spec.dim}")
-        if autocast not in ("float32", "bfloat16"):
-            raise GradientError(f"autocast must be float32 or bfloat16, not {autocast!r}")
+        if autocast not in AUTOCASTS:
+            raise GradientError(f"autocast must be one of {', '.join(AUTOCASTS)}, not {autocast!r}")
+        if autocast == "base-bfloat16":
+            bfloat16_base_layers(extractor.model)
         self.extractor, self.projector, self.adam, self.adam_form, self.autocast = (
             extractor, projector, adam, adam_form, autocast)
 

@@ -260,3 +260,30 @@ def test_memory_is_bounded_by_one_weight_not_by_the_gradient_dimension(tmp_path)
     bound = materialised // 4
     print(f"peak growth: featurising {streamed / 1e6:.1f} MB, materialising {whole / 1e6:.1f} MB, bound {bound / 1e6:.1f} MB")
     assert streamed < bound < whole, (streamed, bound, whole)
+
+
+def test_base_bfloat16_runs_only_the_frozen_base_layers_in_bfloat16(tiny_model, encoded):
+    from g2is_graph.errors import GradientError
+    from g2is_graph.grads.gradients import bfloat16_base_layers
+
+    examples, pad_id = encoded
+    batch = collate(examples, pad_id)
+    exact, _ = PerExampleGradients(lora_model(tiny_model)).compute(*batch)
+    autocast, _ = PerExampleGradients(lora_model(tiny_model)).compute(*batch, autocast="bfloat16")
+    model = lora_model(tiny_model)
+    extractor = PerExampleGradients(model)
+    with pytest.raises(GradientError, match="base-bfloat16 and the model's state go together"):
+        extractor.compute(*batch, autocast="base-bfloat16")  # a float32 model asked for base-bfloat16
+    converted = bfloat16_base_layers(model)
+    assert converted == 2 * 7 + 1 and bfloat16_base_layers(model) == 0  # q k v o gate up down per layer, the head
+    dtypes = {name: p.dtype for name, p in model.named_parameters()}
+    assert all(d == torch.float32 for n, d in dtypes.items() if "lora_" in n or "embed_tokens" in n or "norm" in n)
+    assert all(d == torch.bfloat16 for n, d in dtypes.items() if "base_layer" in n or "mlp" in n or "lm_head" in n)
+    half, losses = extractor.compute(*batch, autocast="base-bfloat16")
+    assert half.dtype == torch.float32 and torch.isfinite(half).all()
+    assert not torch.equal(half, exact)  # the base products really ran in bfloat16
+    cos = lambda a: torch.nn.functional.cosine_similarity(a, exact, dim=1)  # noqa: E731
+    assert cos(half).min() > 0.999
+    assert (1 - cos(half)).mean() < (1 - cos(autocast)).mean()  # closer to float32 than torch.autocast
+    with pytest.raises(GradientError, match="base-bfloat16 and the model's state go together"):
+        extractor.compute(*batch)  # float32 asked of a converted model: refused, not silently mixed

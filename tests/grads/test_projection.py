@@ -93,7 +93,7 @@ def test_identity_names_everything_that_changes_the_matrix():
                      "block_rows": 32}
     # sparse stores written before block_rows was recorded all used 4096: their identity stays as it was
     assert Projector(ProjectorConfig(kind="sparse", dim=64), 100).identity() == {
-        "kind": "sparse", "dim": 64, "seed": 0, "in_dim": 100, "generator": "numpy-philox-v1", "sparse_nnz": 4}
+        "kind": "sparse", "dim": 64, "seed": 0, "in_dim": 100, "generator": "numpy-philox-v1", "sparse_nnz": 1}
     assert Projector(ProjectorConfig(kind="sparse", dim=64, block_rows=32), 100).identity()["block_rows"] == 32
     with pytest.raises(ValueError, match="expected"):
         Projector(ProjectorConfig(dim=8), 10).project(torch.zeros(2, 11))
