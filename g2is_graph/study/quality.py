@@ -401,8 +401,9 @@ def run_study(work: str | Path, config: QualityConfig, preset: str = "custom", e
             paths = paths[-1:]
 
         started = stage("gradients")
-        projector = ProjectorConfig(kind=config.projector, dim=config.dim)
-        # float32 model products: the study's figures (docs/quality.md) were measured so, and its work folders resume
+        # float32 model products and 4 non-zeros per coordinate (the defaults until issue 17): the study's figures
+        # (docs/quality.md) were measured so, and its work folders resume
+        projector = ProjectorConfig(kind=config.projector, dim=config.dim, sparse_nnz=4)
         features = featurize([files["pool"]], list(files["validation"].values()), model, paths, work / "features",
                              projector, data_config, GradientConfig(autocast="float32"), echo=echo, progress=progress)
         train, validation = features.train, features.validation
