@@ -94,8 +94,9 @@ class BuildResult:
                    in (("SIMILAR", self.recall["similar"]), ("CONFLICT", conflict))
                    if value is not None and value < RECALL_GOALS[name]]
             if low:
-                parts.append(f"warning: approximate search recall {', '.join(low)} (hnswlib on real gradient "
-                             "features: docs/benchmarks.md); set [graph] exact = true or index = \"ivf\" and rebuild")
+                parts.append(f"warning: approximate search recall {', '.join(low)} (real gradient features: "
+                             "docs/benchmarks.md); set [graph] exact = true, or index = \"ivf\" (with ivf_probe = 12 "
+                             "if CONFLICT stays low) and rebuild")
         if self.write_rates:
             parts.append(", ".join(f"{k} {v:,.0f}/s" for k, v in self.write_rates.items()))
         if self.n_validation:

@@ -354,4 +354,4 @@ def test_a_build_whose_sampled_recall_misses_the_goals_says_so(tmp_path):
     assert "warning" not in summary(0.99, 0.95) and "warning" not in summary(0.96, None)
     low = summary(0.94, 0.30)
     assert "warning: approximate search recall SIMILAR 0.940 < 0.95, CONFLICT 0.300 < 0.9" in low
-    assert 'exact = true or index = "ivf"' in low
+    assert 'exact = true, or index = "ivf" (with ivf_probe = 12' in low
