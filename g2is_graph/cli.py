@@ -538,14 +538,14 @@ def ingest(obj: Context, records, model_spec, checkpoints, features, projector_k
     ranks = ranks_from_env()
     device = rank_device(ranks, gradient_config.device)
     spread = ranks.distributed and config.exact  # exact lists of the new rows: a share per rank, as in graph build
+    search_device = rank_device(ranks, config.device)
     with process_group(ranks, device):
         if not ranks.is_main:  # under a launcher the ranks share the featurisation; rank 0 builds the graph
             featurise()
             if spread:
-                serve(ranks, rank_device(ranks, config.device))
+                serve(ranks, search_device)
             return
-        with obj.graph() as graph, (RankedSearch(ranks, rank_device(ranks, config.device)) if spread
-                                    else nullcontext()) as search:
+        with obj.graph() as graph, (RankedSearch(ranks, search_device) if spread else nullcontext()) as search:
             check_state_against_database(graph, state_dir)  # before hours of featurising for the wrong graph
             result = build_graph(graph, featurise().stores, config, state_dir, validation_stores, echo=obj.echo,
                                  progress=not obj.quiet, server=obj.local_server(), search=search)

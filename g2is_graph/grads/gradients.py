@@ -96,17 +96,12 @@ def bfloat16_base_layers(model) -> int:
     bfloat16 copy, so the embeddings stay float32."""
     if getattr(model, BASE_BFLOAT16, False):
         return 0
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    head = base.get_output_embeddings()
-    embeddings = base.get_input_embeddings()
     converted = 0
     for name, module in model.named_modules():
         if not isinstance(module, torch.nn.Linear) or ".lora_" in name or module.weight.requires_grad:
             continue
-        weight = module.weight
-        if module is head and embeddings is not None and weight is embeddings.weight:
-            weight = weight.detach().clone()
-        module.weight = torch.nn.Parameter(weight.detach().to(torch.bfloat16), requires_grad=False)
+        # a new Parameter: a head tied to the embeddings leaves them float32
+        module.weight = torch.nn.Parameter(module.weight.detach().to(torch.bfloat16), requires_grad=False)
         if module.bias is not None:
             module.bias = torch.nn.Parameter(module.bias.detach().to(torch.bfloat16), requires_grad=False)
         module.register_forward_pre_hook(_to_bfloat16)
@@ -181,9 +176,10 @@ class PerExampleGradients:
         handed over in float32. The model must be in eval mode."""
         if self.model.training:
             raise GradientError("call model.eval() first: dropout would make gradients random")
-        if getattr(self.model, BASE_BFLOAT16, False) != (autocast == "base-bfloat16"):
+        converted = getattr(self.model, BASE_BFLOAT16, False)
+        if converted != (autocast == "base-bfloat16"):
             raise GradientError(f"autocast {autocast!r} on a model whose base layers are "
-                                f"{'bfloat16' if getattr(self.model, BASE_BFLOAT16, False) else 'float32'}: "
+                                f"{'bfloat16' if converted else 'float32'}: "
                                 "base-bfloat16 and the model's state go together (load the model again)")
         device = next(self.model.parameters()).device
         self._attach(consume)

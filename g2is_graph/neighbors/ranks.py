@@ -82,7 +82,7 @@ def _search(ranks: Ranks, device: str, header: dict, base: np.ndarray, queries: 
                        for f in Neighbors.__dataclass_fields__))
 
 
-def _receive(ranks: Ranks, device: str, header: dict | None, base=None, queries=None, exclude=None, keys=None):
+def _receive(device: str, header: dict, base=None, queries=None, exclude=None, keys=None):
     """One request's arrays on every rank (rank 0 passes them, the others get copies)."""
     d = header["dim"]
     base = _broadcast_array(base, (header["n_base"], d), np.float32, device)
@@ -101,7 +101,7 @@ class RankedSearch:
     other ranks' `serve` return."""
 
     def __init__(self, ranks: Ranks, device: str):
-        self.ranks, self.device, self.requests, self._closed = ranks, device, 0, False
+        self.ranks, self.device, self._closed = ranks, device, False
 
     def exact_topk(self, queries: np.ndarray, base: np.ndarray, k: int, exclude: np.ndarray | None = None,
                    keys: np.ndarray | None = None) -> Neighbors:
@@ -111,8 +111,7 @@ class RankedSearch:
                   "dim": int(base.shape[1]), "queries_are_base": queries is base, "exclude": exclude is not None}
         dist.broadcast_object_list([header], src=0)
         keys = np.arange(len(base)) if keys is None else keys
-        arrays = _receive(self.ranks, self.device, header, base, queries, exclude, keys)
-        self.requests += 1
+        arrays = _receive(self.device, header, base, queries, exclude, keys)
         return _search(self.ranks, self.device, header, *arrays)
 
     def close(self) -> None:
@@ -129,19 +128,17 @@ class RankedSearch:
         self.close()
 
 
-def serve(ranks: Ranks, device: str) -> int:
-    """Answer rank 0's requests until it is done; returns how many were served."""
+def serve(ranks: Ranks, device: str) -> None:
+    """Answer rank 0's requests until it is done."""
     import torch.distributed as dist
 
-    served = 0
     while True:
         message = [None]
         dist.broadcast_object_list(message, src=0)
         header = message[0]
         if header["op"] == "done":
-            return served
-        _search(ranks, device, header, *_receive(ranks, device, header))
-        served += 1
+            return
+        _search(ranks, device, header, *_receive(device, header))
 
 
 def with_launched_search(exact: bool, device: str, body: Callable[[RankedSearch | None], T]) -> T | None:
