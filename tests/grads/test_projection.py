@@ -57,15 +57,15 @@ def test_pieces_at_their_absolute_positions_sum_to_the_projection_of_the_whole(k
 
 
 @pytest.mark.parametrize("dim", [96, 2**15])
-def test_sparse_cache_holds_two_bytes_per_non_zero_and_keeps_the_matrix(dim):
-    # the sign is folded into the (column + 1): int16 below 2**15 output dims, int32 from there
+def test_sparse_cache_holds_three_bytes_per_non_zero_and_keeps_the_matrix(dim):
+    # an int8 sign and a column: int16 below 2**15 output dims, int32 from there
     config = ProjectorConfig(kind="sparse", dim=dim, block_rows=64)
     rows = torch.randn(2, 300, generator=torch.Generator().manual_seed(2))
     projector = Projector(config, 300)
     out = projector.project(rows).numpy()
     expected = rows.numpy().astype(np.float64) @ projector.matrix().astype(np.float64)
     np.testing.assert_allclose(out, expected, rtol=1e-6, atol=1e-6)
-    per_entry = 2 if dim < 2**15 else 4
+    per_entry = 1 + (2 if dim < 2**15 else 4)
     assert projector._cached_bytes == 300 * config.sparse_nnz * per_entry
 
 
