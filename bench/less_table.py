@@ -53,7 +53,8 @@ RUNS = {"default": [],
         "nnz-4": ["--sparse-nnz", "4"],
         "autocast-bfloat16": ["--autocast", "bfloat16"],
         "model-bfloat16": ["--dtype", "bfloat16", "--autocast", "float32"],
-        "batch-2": ["--batch-size", "2"]}
+        "batch-2": ["--batch-size", "2"],
+        "one-stream": ["--streams", "1"]}  # one batch at a time on all cores (the default until 2026-12-07)
 
 
 def g2is(args: list[str], log: Path) -> tuple[float, int]:

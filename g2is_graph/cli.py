@@ -439,7 +439,7 @@ projector_options = [
 @with_options(config_options(cfg.GradientConfig, "kind", "adam_form"))
 @with_options(projector_options)
 @with_options(config_options(cfg.GradientConfig, "batch_size", "chunk_rows", "store_dtype", "dtype", "autocast",
-                             "device"))
+                             "device", "streams"))
 @click.option("--shard", default=None, help="i/n: compute only this shard's chunks (merge is automatic); under "
                                             "torchrun or accelerate launch each rank is a shard.")
 @with_options(data_options)

@@ -477,13 +477,21 @@ class GradientConfig(Settings):
                 "bfloat16, base-bfloat16 on CPUs with AVX512-BF16/AMX, float32 elsewhere; gradients are formed, "
                 "projected and stored in float32 either way")
     device: str = opt("auto", "auto, cpu, cuda or cuda:N")
+    streams: int = opt(0, "batches in flight at once, each in its own thread with an equal share of the math "
+                          "threads; 0: 2 on a CPU with 2 or more cores (small products and Python overlap "
+                          "better than they split, docs/benchmarks.md), 1 on CUDA")
 
     def check(self) -> None:
         if self.batch_size < 0 or self.chunk_rows <= 0:
             raise ConfigError("[gradients] batch_size must be >= 0 (0: by device) and chunk_rows positive")
+        if self.streams < 0:
+            raise ConfigError("[gradients] streams must be >= 0 (0: by device)")
 
     def batch_for(self, device: str) -> int:
         return self.batch_size or (8 if device.startswith("cuda") else 1)
+
+    def streams_for(self, device: str, cores: int) -> int:
+        return self.streams or (1 if device.startswith("cuda") else min(2, max(1, cores)))
 
 
 @dataclass(frozen=True)

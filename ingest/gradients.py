@@ -26,7 +26,7 @@ from g2is_graph.config import DataConfig, GradientConfig, ProjectorConfig
 from g2is_graph.data.records import collate, load_pool
 from g2is_graph.distributed import Ranks, all_reduce_sum, process_group, rank_device, ranks_from_env
 from g2is_graph.errors import ConfigError
-from g2is_graph.grads.gradients import GradientFeaturizer, PerExampleGradients, resolve_autocast
+from g2is_graph.grads.gradients import GradientFeaturizer, PerExampleGradients, featurize_batches, resolve_autocast
 from g2is_graph.grads.projection import Projector
 from g2is_graph.model.loading import load_tokenizer, load_with_adapter, model_identity
 from g2is_graph.store.features import FeatureStore, StoreError, normalize_rows, record_row
@@ -145,13 +145,15 @@ def _run(paths, model_spec, checkpoints, out_dir: Path, config: GradientConfig, 
 def _chunk_features(featurizer: GradientFeaturizer, config: GradientConfig, encoded, pad_id: int, records,
                     bar) -> np.ndarray:
     """Projected features [len(encoded), dim] for one chunk, in row order."""
-    order = sorted(range(len(encoded)), key=lambda i: encoded[i].n_tokens)
+    # longest first: the streams' last batches are short ones (no stream idles behind a long one at the end)
+    order = sorted(range(len(encoded)), key=lambda i: -encoded[i].n_tokens)
     out = np.zeros((len(encoded), featurizer.dim), dtype=np.float32)
-    batch_size = config.batch_for(str(featurizer.projector.device))
-    for b in range(0, len(order), batch_size):
-        idx = order[b:b + batch_size]
-        ids, labels, attention = collate([encoded[i] for i in idx], pad_id)
-        features, losses, finite = featurizer.features(ids, labels, attention)
+    device = str(featurizer.projector.device)
+    batch_size = config.batch_for(device)
+    batches = [order[b:b + batch_size] for b in range(0, len(order), batch_size)]
+    results = featurize_batches(featurizer, (collate([encoded[i] for i in idx], pad_id) for idx in batches),
+                                config.streams_for(device, torch.get_num_threads()))
+    for idx, (features, losses, finite) in zip(batches, results):
         if not bool(finite.all()):
             first = int((~finite).nonzero()[0])
             bad = idx[first]

@@ -1,16 +1,21 @@
 """Per-example LoRA gradients in one batched backward pass, and the Adam-adjusted feature.
 
-A LoRA factor is a bias-free Linear, so the gradient of example b's loss with respect to its weight is
-sum_t grad_out[b, t] (x) input[b, t]. Forward hooks keep each LoRA Linear's input and register a tensor
-hook on its output that keeps the output gradient; one backward of sum_b loss_b then yields every
-example's gradient without a batch-size-1 loop. Examples do not interact (causal attention with a
-padding mask, loss masked on padding), so padding leaves each example's gradient unchanged.
+A LoRA layer computes y = base(x) + s B A x, so example b's gradients are sums over its tokens of outer
+products of the layer's input x and output gradient g (PerExampleGradients). Forward hooks keep each
+LoRA layer's input and register a tensor hook on its output that receives g; one backward of sum_b loss_b
+then yields every example's gradient without a batch-size-1 loop. Examples do not interact (causal attention
+with a padding mask, loss masked on padding), so padding leaves each example's gradient unchanged.
 
 loss_b is the mean token cross-entropy over example b's loss tokens (labels != -100).
 """
 
 from __future__ import annotations
 
+import functools
+import threading
+import types
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -78,12 +83,44 @@ class ParameterSpec:
 BASE_BFLOAT16 = "_g2is_base_bfloat16"  # set on a model whose base layers bfloat16_base_layers converted
 
 
-def _to_bfloat16(module, args):
-    return (args[0].to(torch.bfloat16), *args[1:])
+def _bfloat16_linear_forward(layer, x):
+    """A converted layer's forward: its input rounded to bfloat16, its output back to float32 (a replaced
+    forward, not two hooks: hooks cost a third of a small model's per-example overhead on a CPU)."""
+    return torch.nn.functional.linear(x.to(torch.bfloat16), layer.weight, layer.bias).float()
 
 
-def _to_float32(module, args, output):
-    return output.float()
+class _GatedSiluUp(torch.autograd.Function):
+    """bfloat16(silu(x W_gate^T) * (x W_up^T)) of a float32 x, the products in bfloat16 and the rest in float32,
+    as the cast-hooked layers compute it, but saving the two bfloat16 products (exact: they are the products'
+    outputs) instead of three float32 [T, intermediate] activations: a third of a gated MLP's memory per token."""
+
+    @staticmethod
+    def forward(ctx, x, gate_weight, up_weight):
+        low = x.to(torch.bfloat16)
+        gate, up = torch.nn.functional.linear(low, gate_weight), torch.nn.functional.linear(low, up_weight)
+        ctx.save_for_backward(gate, up, gate_weight, up_weight)
+        return (torch.nn.functional.silu(gate.float()) * up.float()).to(torch.bfloat16)
+
+    @staticmethod
+    def backward(ctx, grad):
+        gate, up, gate_weight, up_weight = ctx.saved_tensors
+        gate, grad = gate.float(), grad.float()
+        sigmoid = torch.sigmoid(gate)
+        grad_up = grad * (gate * sigmoid)
+        grad_gate = (grad * up.float()) * (sigmoid * (1 + gate * (1 - sigmoid)))
+        grad_x = (grad_gate.to(torch.bfloat16) @ gate_weight).float() + (grad_up.to(torch.bfloat16) @ up_weight).float()
+        return grad_x, None, None
+
+
+def _gated_silu_forward(mlp, x):
+    return mlp.down_proj(_GatedSiluUp.apply(x, mlp.gate_proj.weight, mlp.up_proj.weight))
+
+
+def _is_plain_gated_silu(module) -> bool:
+    """A Llama-style MLP, down(silu(gate(x)) * up(x)), whose three layers are plain bias-free Linears."""
+    layers = [getattr(module, name, None) for name in ("gate_proj", "up_proj", "down_proj")]
+    return (all(type(layer) is torch.nn.Linear and layer.bias is None for layer in layers)
+            and type(getattr(module, "act_fn", None)).__name__ in ("SiLU", "SiLUActivation"))
 
 
 def bfloat16_base_layers(model) -> int:
@@ -93,7 +130,8 @@ def bfloat16_base_layers(model) -> int:
     every per-example gradient (each LoRA weight's input and output gradient); torch.autocast rounds those too,
     which is where its fidelity went (docs/benchmarks.md, issue 17). In place and once (the model keeps no
     float32 copy); returns the number of layers converted. A head tied to the input embeddings gets its own
-    bfloat16 copy, so the embeddings stay float32."""
+    bfloat16 copy, so the embeddings stay float32. A Llama-style gated MLP whose layers are not LoRA-wrapped
+    computes the same numbers through _GatedSiluUp, which keeps a third of the activations for backward."""
     if getattr(model, BASE_BFLOAT16, False):
         return 0
     converted = 0
@@ -104,9 +142,11 @@ def bfloat16_base_layers(model) -> int:
         module.weight = torch.nn.Parameter(module.weight.detach().to(torch.bfloat16), requires_grad=False)
         if module.bias is not None:
             module.bias = torch.nn.Parameter(module.bias.detach().to(torch.bfloat16), requires_grad=False)
-        module.register_forward_pre_hook(_to_bfloat16)
-        module.register_forward_hook(_to_float32)
+        module.forward = types.MethodType(_bfloat16_linear_forward, module)
         converted += 1
+    for module in model.modules():
+        if _is_plain_gated_silu(module):
+            module.forward = types.MethodType(_gated_silu_forward, module)
     for name, param in model.named_parameters():  # the rest off the loaded file's memory map, which then goes
         if param.dtype != torch.bfloat16 and ".lora_" not in name:  # (its pages would stay resident: +0.8 GB)
             param.data = param.data.clone()
@@ -114,57 +154,199 @@ def bfloat16_base_layers(model) -> int:
     return converted
 
 
+@dataclass(frozen=True)
+class LoraSite:
+    """One LoRA-wrapped layer: y = base(x) + scale * B A x, and where its A and B gradients go in the flat order."""
+
+    module: torch.nn.Module
+    adapter: str
+    a: torch.Tensor  # [r, in]
+    b: torch.Tensor  # [out, r]
+    scale: float
+    a_index: int
+    b_index: int
+
+
+def lora_sites(model, names: tuple[str, ...]) -> list[LoraSite]:
+    """The LoRA-wrapped layers of a peft model, from its LoRA weight names (spec order)."""
+    index = {name: i for i, name in enumerate(names)}
+    sites, seen = [], set()
+    for name in names:
+        if not name.endswith(".weight") or (".lora_A." not in name and ".lora_B." not in name):
+            raise GradientError(f"unexpected LoRA parameter {name}: only the A and B weights of linear layers are "
+                                "supported (bias='none', no embedding LoRA)")
+        owner, adapter = name.rsplit(".lora_", 1)[0], name[:-len(".weight")].rsplit(".", 1)[1]
+        if owner in seen:
+            continue
+        seen.add(owner)
+        module = model.get_submodule(owner)
+        a_name, b_name = f"{owner}.lora_A.{adapter}.weight", f"{owner}.lora_B.{adapter}.weight"
+        if a_name not in index or b_name not in index:
+            raise GradientError(f"{owner}: LoRA A and B must both be trained")
+        if getattr(module, "lora_variant", None) or getattr(module, "use_dora", {}).get(adapter):
+            raise GradientError(f"{owner}: only plain LoRA is supported (not DoRA or another variant)")
+        if list(module.active_adapters) != [adapter]:
+            raise GradientError(f"{owner}: exactly one active adapter is supported, not {list(module.active_adapters)}")
+        sites.append(LoraSite(module, adapter, model.get_parameter(a_name), model.get_parameter(b_name),
+                              float(module.scaling[adapter]), index[a_name], index[b_name]))
+    return sites
+
+
+def merge_lora(model) -> int:
+    """Fold each LoRA product into its base weight (W + scale B A, peft's merge, in the base weight's dtype):
+    the forward and backward passes then run one product per layer instead of three, and PerExampleGradients
+    forms B A x's factors itself from the layer's input and output gradient. Exact up to float32 rounding in a
+    float32 model; not for bfloat16 products, whose rounding of W + scale B A drops an update smaller than
+    W's last bit (most of a short warmup's: Adam features' pairwise fidelity 0.9985 instead of 0.9998 at
+    r=128, docs/benchmarks.md). In place and once; returns the number of layers merged. A merged model has no
+    autograd path to its LoRA weights, so reference_gradient refuses it."""
+    merged = 0
+    for module in model.modules():
+        if hasattr(module, "lora_A") and hasattr(module, "merge") and not module.merged:
+            module.merge()
+            merged += 1
+    return merged
+
+
+def is_merged(model) -> bool:
+    return any(getattr(module, "merged", False) for module in model.modules() if hasattr(module, "lora_A"))
+
+
+@dataclass(frozen=True)
+class _Stream:
+    """One thread's pass through the model: the inputs of the hooked layers it entered, its consumer, its autocast."""
+
+    inputs: dict[tuple[str, int], torch.Tensor]
+    consume: object
+    autocast: str
+
+
+class _LoraDelta(torch.autograd.Function):
+    """scale * B A x of one LoRA layer, as peft computes it, whose backward also hands the layer's factors
+    (the gradient at B's output, A x, B^T of that gradient, x) to a sink: no hooks on the A and B Linears and
+    none of their autograd nodes, a quarter less Python per layer on a CPU."""
+
+    @staticmethod
+    def forward(ctx, x, a, b, scale, sink):
+        h = x @ a.T
+        ctx.save_for_backward(x, h)
+        ctx.a, ctx.b, ctx.scale, ctx.sink = a, b, scale, sink
+        return (h @ b.T) * scale
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, h = ctx.saved_tensors
+        scaled = grad * ctx.scale
+        u = scaled @ ctx.b
+        ctx.sink(scaled, h, u, x)
+        return u @ ctx.a, None, None, None, None
+
+
 class PerExampleGradients:
-    """Batched per-example gradients of the LoRA A/B weights of a peft model, one weight at a time.
+    """Batched per-example gradients of the LoRA A/B weights of a peft model, one layer at a time.
+
+    For a layer y = base(x) + s B A x with output gradient g, example b's gradients are
+    dB = sum_t s g_t (A x_t)^T and dA = sum_t (s B^T g_t) x_t^T. On peft's own forward the hooks sit on the
+    A and B Linears, whose inputs and output gradients are those factors; on a layer whose LoRA is merged into
+    its base weight (merge_lora: fewer products) they sit on the layer and form A x and s B^T g themselves.
 
     `stream` hands each LoRA weight's [B, n] per-example gradient to a callback during the backward pass,
     as soon as it is formed, and keeps nothing: memory is the model, one batch's activations and the
     largest single weight's [B, n], never the [B, D] matrix of all of them (D = 14.7M numbers per example
-    for SmolLM2 at LoRA r=128, 134M for a 7B model)."""
+    for SmolLM2 at LoRA r=128, 134M for a 7B model). Several threads may stream through one model at once
+    (each pass's state is its thread's), which is how a CPU runs several small examples side by side."""
 
     def __init__(self, model):
         self.model = model
         params = lora_parameters(model)
         self.spec = ParameterSpec(tuple(n for n, _ in params), tuple(tuple(p.shape) for _, p in params))
         self._params = [p for _, p in params]
-        self._modules = []
+        self._sites = lora_sites(model, self.spec.names)
         self.offsets: list[int] = []  # start of each weight in the flattened gradient (spec order)
         offset = 0
-        for name, p in params:
-            if not name.endswith(".weight"):
-                raise GradientError(f"unexpected LoRA parameter {name}: only weights are supported (bias='none')")
-            self._modules.append(model.get_submodule(name[: -len(".weight")]))
+        for p in self._params:
             self.offsets.append(offset)
             offset += p.numel()
-        self._inputs: dict[int, torch.Tensor] = {}
         self._handles = []
+        self._streams = 0  # streams in progress: the hooks are attached while any is
+        self._attached = threading.Lock()
+        self._local = threading.local()  # each thread's stream: its layer inputs and consumer
 
-    def _attach(self, consume) -> None:
+    def _attach(self) -> None:
         # The graph starts at the embeddings' output, not at the LoRA weights: autograd then forms only the
         # gradients flowing through the layers (which the hooks need), never the batch-summed weight
         # gradients (a D-sized buffer and the cost of one more matrix product per LoRA weight).
-        embeddings = self.model.get_input_embeddings()
-        self._handles.append(embeddings.register_forward_hook(lambda mod, args, output: output.detach().requires_grad_()))
-        for p in self._params:
-            p.requires_grad_(False)
-        for index, module in enumerate(self._modules):
-            def forward_hook(mod, args, output, index=index):
-                self._inputs[index] = args[0].detach()
-                output.register_hook(lambda grad, index=index: self._formed(index, grad, consume))
-            self._handles.append(module.register_forward_hook(forward_hook))
+        with self._attached:
+            self._streams += 1
+            if self._streams > 1:
+                return
+            embeddings = self.model.get_input_embeddings()
+            self._handles.append(embeddings.register_forward_hook(
+                lambda mod, args, output: output.detach().requires_grad_()))
+            for p in self._params:
+                p.requires_grad_(False)
+            for index, site in enumerate(self._sites):
+                if site.module.merged:  # one product per layer: hook the layer, form B A x's factors here
+                    self._hook(site.module, ("layer", index))
+                    continue
+                # peft's forward under torch.autocast (its products in bfloat16): each LoRA Linear's input and
+                # output gradient are the factors; otherwise the layer computes scale B A x through _LoraDelta
+                self._hook(site.module.lora_A[site.adapter], ("weight", site.a_index))
+                self._hook(site.module.lora_B[site.adapter], ("weight", site.b_index))
+                site.module.forward = functools.partial(self._lora_forward, site)
 
-    def _formed(self, index: int, grad_out: torch.Tensor, consume) -> None:
-        x = self._inputs.pop(index).float()
-        per_example = torch.einsum("bto,bti->boi", grad_out.detach().float(), x)
-        consume(index, self.offsets[index], per_example.reshape(per_example.shape[0], -1))
+    def _lora_forward(self, site: LoraSite, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        stream = getattr(self._local, "stream", None)
+        if stream is None or stream.autocast == "bfloat16" or args or kwargs:
+            return type(site.module).forward(site.module, x, *args, **kwargs)
+        delta = _LoraDelta.apply(x.to(site.a.dtype), site.a, site.b, site.scale,
+                                 lambda scaled, h, u, x: self._lora_formed(stream, site, scaled, h, u, x))
+        result = site.module.base_layer(x)
+        return (result + delta).to(result.dtype)  # as peft: a half model's float32 adapter adds in float32
+
+    def _lora_formed(self, stream: "_Stream", site: LoraSite, scaled: torch.Tensor, h: torch.Tensor,
+                     u: torch.Tensor, x: torch.Tensor) -> None:
+        """Hand over one layer's per-example dB = sum_t scaled_t h_t^T and dA = sum_t u_t x_t^T (scaled: the
+        gradient at B's output, h = A x, u = B^T scaled)."""
+        grads = torch.einsum("bto,btr->bor", scaled.float(), h.float())
+        stream.consume(site.b_index, self.offsets[site.b_index], grads.reshape(grads.shape[0], -1))
+        grads = torch.einsum("btr,bti->bri", u.float(), x.float())
+        stream.consume(site.a_index, self.offsets[site.a_index], grads.reshape(grads.shape[0], -1))
+
+    def _hook(self, module, key: tuple[str, int]) -> None:
+        self._handles.append(module.register_forward_hook(lambda mod, args, output: self._entered(key, args[0], output)))
+
+    def _entered(self, key: tuple[str, int], x: torch.Tensor, output: torch.Tensor) -> None:
+        stream = getattr(self._local, "stream", None)  # the thread running this forward pass owns it
+        if stream is None:  # a plain forward pass in another thread while this one streams
+            return
+        stream.inputs[key] = x.detach()
+        output.register_hook(lambda grad: self._formed(stream, key, grad))
+
+    def _formed(self, stream: "_Stream", key: tuple[str, int], grad_out: torch.Tensor) -> None:
+        x, grad_out = stream.inputs.pop(key).float(), grad_out.detach().float()
+        kind, index = key
+        if kind == "weight":  # a LoRA Linear: sum_t grad_out_t x_t^T
+            grads = torch.einsum("bto,bti->boi", grad_out, x)
+            stream.consume(index, self.offsets[index], grads.reshape(grads.shape[0], -1))
+            return
+        site = self._sites[index]
+        scaled = grad_out * site.scale  # the gradient at B's output
+        a, b = site.a.detach().float(), site.b.detach().float()
+        self._lora_formed(stream, site, scaled, x @ a.T, scaled @ b, x)
 
     def _detach(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-        self._inputs.clear()
-        for p in self._params:
-            p.requires_grad_(True)
+        with self._attached:
+            self._streams -= 1
+            if self._streams:
+                return
+            for handle in self._handles:
+                handle.remove()
+            self._handles.clear()
+            for site in self._sites:
+                site.module.__dict__.pop("forward", None)
+            for p in self._params:
+                p.requires_grad_(True)
 
     def stream(self, input_ids: torch.Tensor, labels: torch.Tensor, attention: torch.Tensor, consume,
                autocast: str = "float32") -> torch.Tensor:
@@ -182,16 +364,18 @@ class PerExampleGradients:
                                 f"{'bfloat16' if converted else 'float32'}: "
                                 "base-bfloat16 and the model's state go together (load the model again)")
         device = next(self.model.parameters()).device
-        self._attach(consume)
+        stream = self._local.stream = _Stream({}, consume, autocast)
+        self._attach()
         try:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast == "bfloat16"):
                 losses = loss_token_losses(self.model, input_ids.to(device), labels.to(device), attention.to(device))
             losses.sum().backward()
-            if self._inputs:
-                raise GradientError(f"{len(self._inputs)} LoRA weights received no gradient (unused modules?)")
+            if stream.inputs:
+                raise GradientError(f"{len(stream.inputs)} LoRA layers received no gradient (unused modules?)")
             return losses.detach().float()
         finally:
             self._detach()
+            del self._local.stream
 
     def compute(self, input_ids: torch.Tensor, labels: torch.Tensor, attention: torch.Tensor,
                 autocast: str = "float32") -> tuple[torch.Tensor, torch.Tensor]:
@@ -199,11 +383,14 @@ class PerExampleGradients:
         blocks: dict[int, torch.Tensor] = {}
         losses = self.stream(input_ids, labels, attention, lambda index, start, grads: blocks.__setitem__(index, grads),
                              autocast)
-        return torch.cat([blocks[i] for i in range(len(self._modules))], dim=1), losses
+        return torch.cat([blocks[i] for i in range(len(self._params))], dim=1), losses
 
 
 def reference_gradient(model, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """The batch-size-1 oracle: plain autograd on one unpadded example, flattened in spec order."""
+    if is_merged(model):
+        raise GradientError("reference_gradient needs a model whose LoRA is not merged (merge_lora removes the "
+                            "autograd path to the LoRA weights)")
     params = lora_parameters(model)
     for _, p in params:
         p.grad = None
@@ -290,8 +477,9 @@ class GradientFeaturizer:
 
     Each weight's per-example gradient is turned into its Adam feature with that weight's slice of the
     moments (the feature is elementwise) and projected with the matrix rows at its absolute coordinates,
-    then dropped; the sum over weights is the projection of the whole feature vector. autocast
-    "base-bfloat16" converts the extractor's model in place (bfloat16_base_layers) when it is made."""
+    then dropped; the sum over weights is the projection of the whole feature vector. The extractor's model
+    is prepared in place when the featurizer is made: a float32 model's LoRA is merged into its base weights
+    (merge_lora), and for autocast "base-bfloat16" the base layers are converted (bfloat16_base_layers)."""
 
     def __init__(self, extractor: PerExampleGradients, projector, adam: AdamState | None = None,
                  adam_form: str = "less", autocast: str = "float32"):
@@ -301,6 +489,8 @@ class GradientFeaturizer:
             raise GradientError(f"Adam state has {adam.exp_avg.numel()} coordinates, the adapter {extractor.spec.dim}")
         if autocast not in AUTOCASTS:
             raise GradientError(f"autocast must be one of {', '.join(AUTOCASTS)}, not {autocast!r}")
+        if autocast == "float32" and next(extractor.model.parameters()).dtype == torch.float32:
+            merge_lora(extractor.model)  # exact up to float32 rounding, and a third fewer LoRA products
         if autocast == "base-bfloat16":
             bfloat16_base_layers(extractor.model)
         self.extractor, self.projector, self.adam, self.adam_form, self.autocast = (
@@ -313,15 +503,27 @@ class GradientFeaturizer:
     def features(self, input_ids: torch.Tensor, labels: torch.Tensor,
                  attention: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """([B, dim] float32 features, [B] losses, [B] bool: every coordinate of the example was finite)."""
-        batch = input_ids.shape[0]
-        out = torch.zeros(batch, self.dim, dtype=torch.float32, device=self.projector.device)
-        finite = torch.ones(batch, dtype=torch.bool, device=self.projector.device)
+        out = torch.zeros(input_ids.shape[0], self.dim, dtype=torch.float32, device=self.projector.device)
 
         def consume(index: int, start: int, grads: torch.Tensor) -> None:
             if self.adam is not None:
                 grads = adam_feature(grads, self.adam.slice(start, start + grads.shape[1]), self.adam_form, in_place=True)
-            finite.logical_and_(torch.isfinite(grads).all(dim=1).to(finite.device))
             self.projector.project_into(out, grads, start)
 
         losses = self.extractor.stream(input_ids, labels, attention, consume, self.autocast)
-        return out, losses, finite & torch.isfinite(losses).to(finite.device)
+        # every input coordinate has a non-zero in the projection, so a non-finite one reaches the features
+        return out, losses, torch.isfinite(out).all(dim=1) & torch.isfinite(losses).to(out.device)
+
+
+def featurize_batches(featurizer: GradientFeaturizer, batches: Iterable[tuple[torch.Tensor, ...]],
+                      streams: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """featurizer.features(ids, labels, attention) of each batch, in order, with `streams` batches in flight
+    at once: each in its own thread, which gets an equal share of this thread's math threads (a CPU's small
+    products and the hooks' Python overlap across streams better than they split across cores)."""
+    if streams <= 1:
+        yield from (featurizer.features(*batch[:3]) for batch in batches)
+        return
+    threads = max(1, torch.get_num_threads() // streams)
+    with ThreadPoolExecutor(streams, thread_name_prefix="g2is-stream", initializer=torch.set_num_threads,
+                            initargs=(threads,)) as pool:
+        yield from pool.map(lambda batch: featurizer.features(*batch[:3]), batches)

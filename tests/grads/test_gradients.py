@@ -287,3 +287,77 @@ def test_base_bfloat16_runs_only_the_frozen_base_layers_in_bfloat16(tiny_model, 
     assert (1 - cos(half)).mean() < (1 - cos(autocast)).mean()  # closer to float32 than torch.autocast
     with pytest.raises(GradientError, match="base-bfloat16 and the model's state go together"):
         extractor.compute(*batch)  # float32 asked of a converted model: refused, not silently mixed
+
+
+def test_a_merged_model_gives_the_gradients_of_the_unmerged_one(tiny_model, encoded):
+    from g2is_graph.errors import GradientError
+    from g2is_graph.grads.gradients import merge_lora
+
+    examples, pad_id = encoded
+    batch = collate(examples, pad_id)
+    unmerged, losses = PerExampleGradients(lora_model(tiny_model)).compute(*batch)
+    model = lora_model(tiny_model)
+    assert merge_lora(model) == 2 * 4 and merge_lora(model) == 0  # q k v o in each of 2 layers, once
+    merged, merged_losses = PerExampleGradients(model).compute(*batch)
+    assert unmerged.abs().max() > 1e-3
+    torch.testing.assert_close(merged, unmerged, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(merged_losses, losses)
+    with pytest.raises(GradientError, match="not merged"):
+        reference_gradient(model, torch.tensor([examples[0].input_ids]), torch.tensor([examples[0].labels]))
+
+
+def saved_bytes(fn) -> int:
+    """Bytes of the tensors autograd keeps for backward while fn runs (each storage counted once)."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(storages.values())
+
+
+def test_the_gated_mlp_keeps_its_bfloat16_products_for_backward_and_gives_the_same_gradients(tiny_model, encoded):
+    from g2is_graph.grads.gradients import bfloat16_base_layers
+
+    examples, pad_id = encoded
+    batch = collate(examples, pad_id)
+    fused, plain = lora_model(tiny_model), lora_model(tiny_model)
+    for model in (fused, plain):
+        bfloat16_base_layers(model)
+    mlps = [m for m in plain.modules() if type(m).__name__ == "LlamaMLP"]
+    assert len(mlps) == 2 and all("forward" in m.__dict__ for m in mlps)
+    for mlp in mlps:  # back to three cast layers and float32 elementwise products
+        del mlp.forward
+    results = {}
+    for name, model in (("fused", fused), ("plain", plain)):
+        extractor = PerExampleGradients(model)
+        results[name] = extractor.compute(*batch, autocast="base-bfloat16")
+        results[name + " saved"] = saved_bytes(lambda: extractor.compute(*batch, autocast="base-bfloat16"))
+    torch.testing.assert_close(results["fused"][0], results["plain"][0], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(results["fused"][1], results["plain"][1], rtol=1e-6, atol=1e-7)
+    tokens, intermediate = batch[0].numel(), mlps[0].gate_proj.out_features
+    # three float32 [tokens, intermediate] activations per MLP become two bfloat16 ones
+    assert results["plain saved"] - results["fused saved"] >= 2 * tokens * intermediate * (3 * 4 - 2 * 2)
+
+
+def test_streams_in_threads_give_each_batch_the_features_it_gets_alone(tiny_model, encoded):
+    from g2is_graph.config import ProjectorConfig
+    from g2is_graph.grads.gradients import GradientFeaturizer, featurize_batches
+    from g2is_graph.grads.projection import Projector
+
+    examples, pad_id = encoded
+    extractor = PerExampleGradients(lora_model(tiny_model))
+    featurizer = GradientFeaturizer(extractor, Projector(ProjectorConfig(dim=64), extractor.spec.dim),
+                                    random_adam_state(extractor.spec.dim), autocast="base-bfloat16")
+    batches = [collate(examples[i:i + 2], pad_id) for i in range(0, len(examples), 2)]
+    alone = list(featurize_batches(featurizer, batches, streams=1))
+    together = list(featurize_batches(featurizer, batches, streams=3))  # more streams than this machine's cores
+    assert len(together) == len(batches)
+    for (features, losses, finite), (f, lo, fi) in zip(alone, together):
+        assert finite.all() and fi.all()
+        torch.testing.assert_close(f, features, rtol=1e-5, atol=1e-6 * features.abs().max().item())
+        torch.testing.assert_close(lo, losses)
+    assert not extractor._handles and all("forward" not in s.module.__dict__ for s in extractor._sites)  # detached

@@ -294,3 +294,17 @@ def test_a_retired_setting_is_refused_with_its_reason():
 
     with pytest.raises(ConfigError, match=r"\[gradients\] projection_batch: gradients are now projected one LoRA"):
         build(GradientConfig, {"projection_batch": 64}, "gradients")
+
+
+def test_streams_in_threads_fill_the_store_one_stream_fills(tiny_model, warmed, tmp_path):
+    import dataclasses
+
+    pool, checkpoints = warmed
+    stores = {}
+    for streams in (1, 3):
+        config = dataclasses.replace(GRADS, streams=streams)
+        result = run_gradients([pool], tiny_model, [checkpoints[-1].path], tmp_path / str(streams), config, PROJ,
+                               DataConfig(), progress=False)
+        stores[streams] = FeatureStore(result.stores[0])
+    np.testing.assert_allclose(stores[3].load(), stores[1].load(), rtol=1e-5, atol=1e-6)
+    assert [r["id"] for r in stores[3].rows()] == [r["id"] for r in stores[1].rows()]
