@@ -224,7 +224,7 @@ class _Stream:
 class _LoraDelta(torch.autograd.Function):
     """scale * B A x of one LoRA layer, as peft computes it, whose backward also hands the layer's factors
     (the gradient at B's output, A x, B^T of that gradient, x) to a sink: no hooks on the A and B Linears and
-    none of their autograd nodes, a quarter less Python per layer on a CPU."""
+    none of their autograd nodes (the per-call Python of a small model is what a CPU's streams contend for)."""
 
     @staticmethod
     def forward(ctx, x, a, b, scale, sink):
@@ -246,9 +246,10 @@ class PerExampleGradients:
     """Batched per-example gradients of the LoRA A/B weights of a peft model, one layer at a time.
 
     For a layer y = base(x) + s B A x with output gradient g, example b's gradients are
-    dB = sum_t s g_t (A x_t)^T and dA = sum_t (s B^T g_t) x_t^T. On peft's own forward the hooks sit on the
-    A and B Linears, whose inputs and output gradients are those factors; on a layer whose LoRA is merged into
-    its base weight (merge_lora: fewer products) they sit on the layer and form A x and s B^T g themselves.
+    dB = sum_t s g_t (A x_t)^T and dA = sum_t (s B^T g_t) x_t^T. While streaming, a layer computes s B A x
+    through _LoraDelta, whose backward hands those factors over; under torch.autocast peft's own forward runs
+    and hooks on the A and B Linears catch the factors (their inputs and output gradients); a layer whose LoRA
+    is merged into its base weight (merge_lora: fewer products) is hooked itself and forms A x and s B^T g.
 
     `stream` hands each LoRA weight's [B, n] per-example gradient to a callback during the backward pass,
     as soon as it is formed, and keeps nothing: memory is the model, one batch's activations and the
