@@ -186,8 +186,10 @@ def main() -> None:
     extractors = {}
 
     def extractor_for(autocast):
-        """base-bfloat16 converts its model in place: it gets a copy, the other paths share the float32 model."""
-        if autocast != "base-bfloat16":
+        """A featurizer prepares its model in place (float32: LoRA merged; base-bfloat16: base layers
+        converted): those get a copy each; the baseline (the exact gradients) and torch.autocast use the
+        untouched model."""
+        if autocast not in ("float32", "base-bfloat16"):
             return extractor
         if autocast not in extractors:
             extractors[autocast] = PerExampleGradients(copy.deepcopy(model))

@@ -490,6 +490,9 @@ class GradientFeaturizer:
             raise GradientError(f"Adam state has {adam.exp_avg.numel()} coordinates, the adapter {extractor.spec.dim}")
         if autocast not in AUTOCASTS:
             raise GradientError(f"autocast must be one of {', '.join(AUTOCASTS)}, not {autocast!r}")
+        if autocast != "float32" and is_merged(extractor.model):
+            raise GradientError(f"autocast {autocast!r} on a model whose LoRA is merged into its base weights: their "
+                                "bfloat16 rounding would drop the adapter's small updates (load the model again)")
         if autocast == "float32" and next(extractor.model.parameters()).dtype == torch.float32:
             merge_lora(extractor.model)  # exact up to float32 rounding, and a third fewer LoRA products
         if autocast == "base-bfloat16":

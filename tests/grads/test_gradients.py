@@ -145,16 +145,18 @@ def test_features_one_weight_at_a_time_equal_the_projection_of_the_whole_gradien
 
 def test_bfloat16_autocast_features_point_where_float32_ones_do(tiny_model, encoded):
     from g2is_graph.config import ProjectorConfig
+    from g2is_graph.errors import GradientError
     from g2is_graph.grads.gradients import GradientFeaturizer
     from g2is_graph.grads.projection import Projector
 
     examples, pad_id = encoded
-    model = lora_model(tiny_model)
-    extractor = PerExampleGradients(model)
+    extractor = PerExampleGradients(lora_model(tiny_model))
     projector = Projector(ProjectorConfig(dim=64), extractor.spec.dim)
     batch = collate(examples, pad_id)
-    exact, _, _ = GradientFeaturizer(extractor, projector, autocast="float32").features(*batch)
     half, losses, finite = GradientFeaturizer(extractor, projector, autocast="bfloat16").features(*batch)
+    exact, _, _ = GradientFeaturizer(extractor, projector, autocast="float32").features(*batch)  # merges the LoRA
+    with pytest.raises(GradientError, match="merged"):  # bfloat16 products of merged weights would drop updates
+        GradientFeaturizer(extractor, projector, autocast="bfloat16")
     assert half.dtype == torch.float32 and finite.all()
     assert not torch.equal(half, exact)  # the products really ran in bfloat16
     assert torch.nn.functional.cosine_similarity(half, exact, dim=1).min() > 0.99
