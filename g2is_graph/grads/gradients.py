@@ -1,9 +1,9 @@
 """Per-example LoRA gradients in one batched backward pass, and the Adam-adjusted feature.
 
 A LoRA layer computes y = base(x) + s B A x, so example b's gradients are sums over its tokens of outer
-products of the layer's input x and output gradient g (PerExampleGradients). Forward hooks keep each
-LoRA layer's input and register a tensor hook on its output that receives g; one backward of sum_b loss_b
-then yields every example's gradient without a batch-size-1 loop. Examples do not interact (causal attention
+products of the layer's input x, its output gradient g and the adapter's factors A x and s B^T g
+(PerExampleGradients catches them in the layer's backward); one backward of sum_b loss_b then yields every
+example's gradient without a batch-size-1 loop. Examples do not interact (causal attention
 with a padding mask, loss masked on padding), so padding leaves each example's gradient unchanged.
 
 loss_b is the mean token cross-entropy over example b's loss tokens (labels != -100).
@@ -84,14 +84,14 @@ BASE_BFLOAT16 = "_g2is_base_bfloat16"  # set on a model whose base layers bfloat
 
 
 def _bfloat16_linear_forward(layer, x):
-    """A converted layer's forward: its input rounded to bfloat16, its output back to float32 (a replaced
-    forward, not two hooks: hooks cost a third of a small model's per-example overhead on a CPU)."""
+    """A converted layer's forward: its input rounded to bfloat16, its output back to float32 (one replaced
+    forward instead of a pre-hook and a hook; no speed difference was measured, it is only simpler)."""
     return torch.nn.functional.linear(x.to(torch.bfloat16), layer.weight, layer.bias).float()
 
 
 class _GatedSiluUp(torch.autograd.Function):
     """bfloat16(silu(x W_gate^T) * (x W_up^T)) of a float32 x, the products in bfloat16 and the rest in float32,
-    as the cast-hooked layers compute it, but saving the two bfloat16 products (exact: they are the products'
+    as the converted layers compute it, but saving the two bfloat16 products (exact: they are the products'
     outputs) instead of three float32 [T, intermediate] activations: a third of a gated MLP's memory per token."""
 
     @staticmethod
