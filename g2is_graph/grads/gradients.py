@@ -22,6 +22,7 @@ import torch
 
 from g2is_graph.data.records import IGNORE_INDEX
 from g2is_graph.errors import GradientError
+from g2is_graph.grads.fused_llama import FusedLayer, LayerPlan, fused_applies, plan_layers
 from g2is_graph.model.loading import lora_parameters
 
 
@@ -38,6 +39,28 @@ def per_example_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
     return token_loss.sum(dim=1) / counts
 
 
+class _HeadLoss(torch.autograd.Function):
+    """Token cross-entropy through a bias-free output layer, [N] float32: the logits stay in the layer's dtype
+    (half the memory of float32 in a bfloat16 head) and backward recomputes their softmax, one pass over the
+    [N, vocabulary] logits instead of autograd's five over float32 copies."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels):
+        logits = torch.nn.functional.linear(hidden.to(weight.dtype), weight)
+        loss = torch.log_softmax(logits, -1, dtype=torch.float32).gather(1, labels.unsqueeze(1)).squeeze(1).neg_()
+        ctx.save_for_backward(logits, labels)
+        ctx.weight, ctx.hidden_dtype = weight, hidden.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad):
+        logits, labels = ctx.saved_tensors
+        probabilities = torch.softmax(logits, -1)  # in float32 inside, rounded to the logits' dtype once
+        probabilities[torch.arange(labels.shape[0], device=labels.device), labels] -= 1
+        # the per-token loss gradient scales rows: applied after the product, to [N, hidden] instead of [N, vocab]
+        return (probabilities @ ctx.weight).to(ctx.hidden_dtype).mul_(grad.unsqueeze(1)), None, None
+
+
 def loss_token_losses(model, input_ids: torch.Tensor, labels: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
     """[B] per-example losses with the output layer applied only at loss positions.
 
@@ -45,16 +68,20 @@ def loss_token_losses(model, input_ids: torch.Tensor, labels: torch.Tensor, atte
     fifth of a small model's FLOPs and most of its memory traffic) skip prompt and padding positions."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     cap = getattr(base.config, "final_logit_softcapping", None)
-    hidden = base.get_decoder()(input_ids=input_ids, attention_mask=attention).last_hidden_state
+    hidden = base.get_decoder()(input_ids=input_ids, attention_mask=attention, use_cache=False).last_hidden_state
     shifted_labels = labels[:, 1:]
     mask = shifted_labels != IGNORE_INDEX
     counts = mask.sum(dim=1)
     if bool((counts == 0).any()):
         raise GradientError("an example has no loss token; such records must be rejected before this point")
-    logits = base.get_output_embeddings()(hidden[:, :-1][mask]).float()
-    if cap:
-        logits = cap * torch.tanh(logits / cap)
-    token_loss = torch.nn.functional.cross_entropy(logits, shifted_labels[mask], reduction="none")
+    head = base.get_output_embeddings()
+    if not cap and type(head) is torch.nn.Linear and head.bias is None and not torch.is_autocast_enabled(hidden.device.type):
+        token_loss = _HeadLoss.apply(hidden[:, :-1][mask], head.weight, shifted_labels[mask])
+    else:
+        logits = head(hidden[:, :-1][mask]).float()
+        if cap:
+            logits = cap * torch.tanh(logits / cap)
+        token_loss = torch.nn.functional.cross_entropy(logits, shifted_labels[mask], reduction="none")
     rows = torch.arange(labels.shape[0], device=labels.device).unsqueeze(1).expand_as(shifted_labels)[mask]
     return torch.zeros(labels.shape[0], device=token_loss.device).index_add_(0, rows, token_loss) / counts
 
@@ -272,6 +299,7 @@ class PerExampleGradients:
         self._streams = 0  # streams in progress: the hooks are attached while any is
         self._attached = threading.Lock()
         self._local = threading.local()  # each thread's stream: its layer inputs and consumer
+        self.fused: tuple[list[LayerPlan], str | None] | None = None  # (plans, why not): base-bfloat16 only
 
     def _attach(self) -> None:
         # The graph starts at the embeddings' output, not at the LoRA weights: autograd then forms only the
@@ -295,6 +323,32 @@ class PerExampleGradients:
                 self._hook(site.module.lora_A[site.adapter], ("weight", site.a_index))
                 self._hook(site.module.lora_B[site.adapter], ("weight", site.b_index))
                 site.module.forward = functools.partial(self._lora_forward, site)
+            for plan in self.plan_fused()[0]:
+                plan.layer.forward = functools.partial(self._layer_forward, plan)
+
+    def plan_fused(self) -> tuple[list[LayerPlan], str | None]:
+        """(plans, why not) of the fused decoder layers (fused_llama), made once for a base-bfloat16 model."""
+        if not getattr(self.model, BASE_BFLOAT16, False):
+            return [], "only base-bfloat16 runs fused layers"
+        if self.fused is None:
+            self.fused = plan_layers(self.model, self._sites)
+        return self.fused
+
+    def layer_path(self) -> str:
+        """What computes the decoder layers, for a job's log: fused layers or the model's own code, and why."""
+        plans, why = self.plan_fused()
+        if plans:
+            return (f"{len(plans)} decoder layers fused ({type(plans[0].layer).__name__}: written-out forward and "
+                    "backward) where a batch has no padding")
+        return f"decoder layers run the model's own code ({why})"
+
+    def _layer_forward(self, plan: LayerPlan, hidden: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        stream = getattr(self._local, "stream", None)
+        if (stream is None or stream.autocast != "base-bfloat16" or not torch.is_grad_enabled()
+                or not fused_applies(plan, hidden, args, kwargs)):
+            return type(plan.layer).forward(plan.layer, hidden, *args, **kwargs)
+        cos, sin = kwargs["position_embeddings"]
+        return FusedLayer.apply(hidden, cos, sin, plan, functools.partial(self._lora_formed, stream))
 
     def _lora_forward(self, site: LoraSite, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         stream = getattr(self._local, "stream", None)
@@ -309,10 +363,10 @@ class PerExampleGradients:
                      u: torch.Tensor, x: torch.Tensor) -> None:
         """Hand over one layer's per-example dB = sum_t scaled_t h_t^T and dA = sum_t u_t x_t^T (scaled: the
         gradient at B's output, h = A x, u = B^T scaled)."""
-        grads = torch.einsum("bto,btr->bor", scaled.float(), h.float())
-        stream.consume(site.b_index, self.offsets[site.b_index], grads.reshape(grads.shape[0], -1))
-        grads = torch.einsum("btr,bti->bri", u.float(), x.float())
-        stream.consume(site.a_index, self.offsets[site.a_index], grads.reshape(grads.shape[0], -1))
+        grads = torch.bmm(scaled.float().transpose(1, 2), h.float())
+        stream.consume(site.b_index, self.offsets[site.b_index], grads.view(grads.shape[0], -1))
+        grads = torch.bmm(u.float().transpose(1, 2), x.float())
+        stream.consume(site.a_index, self.offsets[site.a_index], grads.view(grads.shape[0], -1))
 
     def _hook(self, module, key: tuple[str, int]) -> None:
         self._handles.append(module.register_forward_hook(lambda mod, args, output: self._entered(key, args[0], output)))
@@ -346,6 +400,8 @@ class PerExampleGradients:
             self._handles.clear()
             for site in self._sites:
                 site.module.__dict__.pop("forward", None)
+            for plan in (self.fused or ([], None))[0]:
+                plan.layer.__dict__.pop("forward", None)
             for p in self._params:
                 p.requires_grad_(True)
 
@@ -497,6 +553,7 @@ class GradientFeaturizer:
             merge_lora(extractor.model)  # exact up to float32 rounding, and a third fewer LoRA products
         if autocast == "base-bfloat16":
             bfloat16_base_layers(extractor.model)
+            extractor.plan_fused()
         self.extractor, self.projector, self.adam, self.adam_form, self.autocast = (
             extractor, projector, adam, adam_form, autocast)
 

@@ -363,3 +363,23 @@ def test_streams_in_threads_give_each_batch_the_features_it_gets_alone(tiny_mode
         torch.testing.assert_close(f, features, rtol=1e-5, atol=1e-6 * features.abs().max().item())
         torch.testing.assert_close(lo, losses)
     assert not extractor._handles and all("forward" not in s.module.__dict__ for s in extractor._sites)  # detached
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_output_layer_loss_gives_autograds_cross_entropy_and_gradient(dtype):
+    from g2is_graph.grads.gradients import _HeadLoss
+
+    torch.manual_seed(0)
+    weight = torch.randn(300, 16).to(dtype)
+    hidden = torch.randn(7, 16, requires_grad=True)
+    labels = torch.randint(0, 300, (7,))
+    upstream = torch.rand(7)  # each token's weight in its example's mean loss
+    logits = torch.nn.functional.linear(hidden.to(dtype), weight).float()
+    expected = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
+    (expected_grad,) = torch.autograd.grad(expected, hidden, upstream)
+    loss = _HeadLoss.apply(hidden, weight, labels)
+    (grad,) = torch.autograd.grad(loss, hidden, upstream)
+    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-6)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2  # bfloat16: rounding of the softmax, once, not twice
+    assert grad.dtype == torch.float32
+    torch.testing.assert_close(grad, expected_grad, rtol=tolerance, atol=tolerance * expected_grad.abs().max().item())
