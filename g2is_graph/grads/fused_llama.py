@@ -203,8 +203,8 @@ def _rotary_backward(grad: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Te
 
 
 class FusedLayer(torch.autograd.Function):
-    """hidden -> hidden of one decoder layer; backward hands each LoRA site's factors to
-    `formed(site, g, scale * A x, scale * B^T g, x)` (g: the site's output gradient, x: its input)."""
+    """hidden -> hidden of one decoder layer; backward hands each LoRA site's bfloat16 factors to
+    `formed(site, g, A x, scale * B^T g, x)` (g: the site's output gradient, x: its input)."""
 
     @staticmethod
     def forward(ctx, hidden, cos, sin, plan: LayerPlan, formed):
@@ -213,8 +213,8 @@ class FusedLayer(torch.autograd.Function):
         cos = cos.unsqueeze(1)
         signed_sin = torch.cat((-sin[..., :half], sin[..., half:]), -1).unsqueeze(1)
         normed1, inverse1 = _rms(hidden, plan.eps1)
-        x1 = normed1 * plan.norm1
-        stacked = torch.nn.functional.linear(x1.to(torch.bfloat16), plan.qkv_stack)
+        x1 = (normed1 * plan.norm1).to(torch.bfloat16)
+        stacked = torch.nn.functional.linear(x1, plan.qkv_stack)
         qkv = stacked[..., :plan.qkv[-1].rows.stop].float()
         for proj in plan.qkv:
             if proj.site is not None:
@@ -226,8 +226,8 @@ class FusedLayer(torch.autograd.Function):
         q, k = _rotary(q, cos, signed_sin), _rotary(k, cos, signed_sin)
         attended, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q, k, v, 0.0, True, attn_mask=None, scale=plan.scaling)
-        xo = attended.transpose(1, 2).reshape(batch, tokens, -1)
-        stacked_o = torch.nn.functional.linear(xo.to(torch.bfloat16), plan.o_stack)
+        xo = attended.transpose(1, 2).reshape(batch, tokens, -1).to(torch.bfloat16)
+        stacked_o = torch.nn.functional.linear(xo, plan.o_stack)
         hidden2 = stacked_o[..., :plan.o.rows.stop].float()
         if plan.o.site is not None:
             hidden2 += stacked_o[..., plan.o.a_rows] @ plan.o.scaled_b.T
@@ -284,6 +284,6 @@ def _projection_backward(grad: torch.Tensor, projections: list[Projection], stac
         if proj.site is None:
             continue
         u = low[..., proj.rows] @ proj.scaled_b  # scale * B^T g
-        formed(proj.site, grad[..., proj.rows], stacked[..., proj.a_rows].float().mul_(proj.site.scale), u, x)
+        formed(proj.site, low[..., proj.rows], stacked[..., proj.a_rows], u, x)
         pieces.append(u)
     return (torch.cat(pieces, -1) @ stack).float()

@@ -348,7 +348,7 @@ class PerExampleGradients:
                 or not fused_applies(plan, hidden, args, kwargs)):
             return type(plan.layer).forward(plan.layer, hidden, *args, **kwargs)
         cos, sin = kwargs["position_embeddings"]
-        return FusedLayer.apply(hidden, cos, sin, plan, functools.partial(self._lora_formed, stream))
+        return FusedLayer.apply(hidden, cos, sin, plan, functools.partial(self._lora_formed_bfloat16, stream))
 
     def _lora_forward(self, site: LoraSite, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         stream = getattr(self._local, "stream", None)
@@ -366,6 +366,16 @@ class PerExampleGradients:
         grads = torch.bmm(scaled.float().transpose(1, 2), h.float())
         stream.consume(site.b_index, self.offsets[site.b_index], grads.view(grads.shape[0], -1))
         grads = torch.bmm(u.float().transpose(1, 2), x.float())
+        stream.consume(site.a_index, self.offsets[site.a_index], grads.view(grads.shape[0], -1))
+
+    def _lora_formed_bfloat16(self, stream: "_Stream", site: LoraSite, grad_out: torch.Tensor, h: torch.Tensor,
+                              u: torch.Tensor, x: torch.Tensor) -> None:
+        """The fused layers' hand-over, every factor in bfloat16 as their products made or took it (g and x as cast
+        for the input-gradient and forward products, h = A x and u = scale B^T g as they came out): dB = scale
+        sum_t g_t h_t^T and dA = sum_t u_t x_t^T accumulate in float32 and round once per entry, no casts."""
+        grads = torch.bmm(grad_out.transpose(1, 2), h).float().mul_(site.scale)
+        stream.consume(site.b_index, self.offsets[site.b_index], grads.view(grads.shape[0], -1))
+        grads = torch.bmm(u.transpose(1, 2), x).float()
         stream.consume(site.a_index, self.offsets[site.a_index], grads.view(grads.shape[0], -1))
 
     def _hook(self, module, key: tuple[str, int]) -> None:
