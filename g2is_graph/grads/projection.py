@@ -101,14 +101,23 @@ class Projector:
         return self._remember(block, matrix, matrix.numel() * 4)
 
     # -- sparse ----------------------------------------------------------------------------
+    def _sparse_words(self, block: int, n_rows: int) -> np.ndarray:
+        """The raw draws [n_rows, nnz] of a row block: column = word mod dim, sign = + when the top bit is set."""
+        nnz = self.config.sparse_nnz
+        return _stream(self.config.seed, block).random_raw(n_rows * nnz).reshape(n_rows, nnz)
+
+    def _columns(self, words: np.ndarray) -> np.ndarray:
+        k = self.config.dim
+        if k & (k - 1) == 0:  # a power of two: the same remainder, without a 64-bit division per entry
+            return words & np.uint64(k - 1)
+        return words % np.uint64(k)
+
     def sparse_block(self, block: int, n_rows: int) -> tuple[np.ndarray, np.ndarray]:
         """Output coordinates [n_rows, nnz] (int64) and values [n_rows, nnz] (float32) of a row block."""
-        nnz, k = self.config.sparse_nnz, self.config.dim
-        words = _stream(self.config.seed, block).random_raw(n_rows * nnz).reshape(n_rows, nnz)
-        columns = (words % np.uint64(k)).astype(np.int64)
+        words = self._sparse_words(block, n_rows)
         value = self._sparse_value
         signs = np.where((words >> np.uint64(63)) == 1, value, -value).astype(np.float32)
-        return columns, signs
+        return self._columns(words).astype(np.int64), signs
 
     # -- projecting ------------------------------------------------------------------------
     def project(self, rows: torch.Tensor) -> torch.Tensor:
@@ -151,14 +160,12 @@ class Projector:
         key = ("range", start, stop)
         if key in self._cache:
             return self._cache[key]
-        columns, signs = [], []
-        for block, first, lo, hi in self._pieces(start, stop):
-            block_columns, block_signs = self.sparse_block(block, hi - first)  # rows are a prefix of the block
-            columns.append(block_columns[lo - first:])
-            signs.append(block_signs[lo - first:] > 0)
+        words = np.concatenate([self._sparse_words(block, hi - first)[lo - first:]  # rows are a prefix of the block
+                                for block, first, lo, hi in self._pieces(start, stop)]).T
         column_type = np.int16 if self.config.dim < 2**15 else np.int32
+        signs = (words >> np.uint64(63)).astype(np.int8)
         value = tuple(torch.from_numpy(np.ascontiguousarray(a)).to(self.device) for a in (
-            np.concatenate(columns).T.astype(column_type), np.where(np.concatenate(signs).T, 1, -1).astype(np.int8)))
+            self._columns(words).astype(column_type), signs * 2 - 1))
         return self._remember(key, value, sum(a.numel() * a.element_size() for a in value))
 
     def matrix(self) -> np.ndarray:
