@@ -40,11 +40,14 @@ IO_HINT = "check the path named above and the disk it is on"
 def freeze_imports() -> None:
     """Freeze what a long command has imported (torch, this package) out of Python's cyclic collector: those
     objects live as long as the process, and every full collection, the interpreter's last one included, would
-    walk them again (exit took 0.4-0.5 s longer, measured). Not later than this: objects of triton's nanobind
-    extension (imported with transformers) left frozen at exit make it print leak warnings."""
+    walk them again (exit took 0.4-0.5 s longer, measured). Only in a process that has not imported the model
+    stack yet (a command started from the shell): objects of triton's nanobind extension (imported with
+    transformers) left frozen at exit make it print leak warnings, and a host process (a notebook, a test run
+    calling commands) keeps its own objects collectable."""
     import gc
 
-    gc.freeze()
+    if not {"transformers", "triton"} & sys.modules.keys():
+        gc.freeze()
 
 
 def error_lines(exc: BaseException) -> tuple[int, str, str]:

@@ -472,8 +472,10 @@ class GradientConfig(Settings):
     dtype: Dtype = opt("float32", "model dtype; accumulation is always float32")
     autocast: Literal["auto", "float32", "bfloat16", "base-bfloat16"] = opt(
         "auto", "precision of the model's matrix products: bfloat16 is torch.autocast (every product, LoRA "
-                "included); base-bfloat16 runs only the frozen base layers in bfloat16 (LoRA, attention, norms and "
-                "the gradient's factors stay float32: as faithful as float32); auto is bfloat16 on GPUs with "
+                "included); base-bfloat16 runs the frozen base layers' products in bfloat16 (attention, norms, the "
+                "residual stream and each LoRA layer's input and output gradient stay float32; fused Llama layers "
+                "form their LoRA products from bfloat16 inputs too: pairwise fidelity 0.9995 unprojected at "
+                "r=128); auto is bfloat16 on GPUs with "
                 "bfloat16, base-bfloat16 on CPUs with AVX512-BF16/AMX, float32 elsewhere; gradients are formed, "
                 "projected and stored in float32 either way")
     device: str = opt("auto", "auto, cpu, cuda or cuda:N")

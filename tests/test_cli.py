@@ -201,3 +201,20 @@ def test_config_backed_options_take_their_choices_and_defaults_from_config():
                 defaults = {str(f.default) for c in classes for f in dataclasses.fields(c) if f.name == param.name}
                 assert stated.group(1) in defaults | {"none", "True", "False"}, (param.name, stated.group(1))
     assert checked >= 10
+
+
+def test_long_commands_freeze_only_a_fresh_process_imports():
+    import gc
+    import subprocess
+    import sys
+
+    import transformers  # noqa: F401  (this process has the model stack: a host like a notebook or this test run)
+
+    from g2is_graph.cli import freeze_imports
+
+    frozen = gc.get_freeze_count()
+    freeze_imports()
+    assert gc.get_freeze_count() == frozen  # the host's objects stay collectable, triton's unfrozen
+    fresh = subprocess.run([sys.executable, "-c", "import gc, torch; from g2is_graph.cli import freeze_imports; "
+                            "freeze_imports(); print(gc.get_freeze_count())"], capture_output=True, text=True, check=True)
+    assert int(fresh.stdout) > 100_000  # a command started from the shell: torch and the package frozen
