@@ -11,7 +11,6 @@ gradient) and written in row order; each example's gradient exists only one LoRA
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import gc
 import tempfile
@@ -97,33 +96,25 @@ def _silent(message: str) -> None:
 def _run(paths, model_spec, checkpoints, out_dir: Path, config: GradientConfig, projector_config: ProjectorConfig,
          data_config: DataConfig, shard: tuple[int, int], device: str, echo, progress: bool,
          skip_content: frozenset[str], writes_report: bool) -> GradientJobResult:
-    started = time.perf_counter()
-    with _collector_paused_while_loading():
-        return _featurize(paths, model_spec, checkpoints, out_dir, config, projector_config, data_config, shard,
-                          device, echo, progress, skip_content, writes_report, started)
-
-
-@contextlib.contextmanager
-def _collector_paused_while_loading():
-    """Python's cyclic collector off while the job imports transformers and peft and loads its model: about a
-    quarter of a million long-lived objects, which its full collections walked 4 times on the way (0.6 s of a
-    64-record SmolLM2 run). On again once the featurizer exists (_loaded), and at the end whatever happened."""
+    # Python's cyclic collector is off while the job imports transformers and peft and loads its model: about
+    # a quarter of a million long-lived objects, which its full collections walked 4 times on the way (0.6 s of
+    # a 64-record SmolLM2 run). `loaded` turns it back on once the featurizer exists; the end restores it.
     enabled = gc.isenabled()
     gc.disable()
     try:
-        yield
+        return _featurize(paths, model_spec, checkpoints, out_dir, config, projector_config, data_config, shard,
+                          device, echo, progress, skip_content, writes_report,
+                          loaded=gc.enable if enabled else lambda: None)
     finally:
         if enabled:
             gc.enable()
 
 
-def _loaded() -> None:
-    gc.enable()
-
-
 def _featurize(paths, model_spec, checkpoints, out_dir: Path, config: GradientConfig,
                projector_config: ProjectorConfig, data_config: DataConfig, shard: tuple[int, int], device: str, echo,
-               progress: bool, skip_content: frozenset[str], writes_report: bool, started: float) -> GradientJobResult:
+               progress: bool, skip_content: frozenset[str], writes_report: bool,
+               loaded) -> GradientJobResult:
+    started = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
     autocast, why = resolve_autocast(config.autocast, device)
     echo(f"gradients on {device}, model matrix products in {autocast} ({why}); features accumulate in float32")
@@ -148,7 +139,7 @@ def _featurize(paths, model_spec, checkpoints, out_dir: Path, config: GradientCo
         projector = Projector(projector_config, extractor.spec.dim, device)
         featurizer = GradientFeaturizer(extractor, projector, adam, config.adam_form, autocast)
         echo(extractor.layer_path())
-        _loaded()
+        loaded()
         meta = {"model": identity, "checkpoint": checkpoint.identity(), "projector": projector.identity(),
                 "gradient": {"kind": config.kind, "adam_form": config.adam_form if config.kind == "adam" else None,
                              "loss": "mean over loss tokens"},

@@ -193,3 +193,18 @@ def build_selection_graph(graph: Graph, root: Path, n: int = 40, dim: int = 24, 
     build_graph(graph, [train.path], GraphConfig(k=12, exact=True, device="cpu"), root / "state",
                 validation_stores=[val_store.path], progress=False)
     return pool
+
+
+def lora_model(tiny_model, dtype="float32", targets=("q_proj", "k_proj", "v_proj", "o_proj")):
+    """The tiny model with a fresh LoRA adapter (r=4) whose B is random, in eval mode."""
+    import torch
+
+    from g2is_graph.config import LoraSettings
+    from g2is_graph.model.loading import add_lora, load_base_model, lora_parameters
+
+    torch.manual_seed(0)
+    model = add_lora(load_base_model(tiny_model, dtype), LoraSettings(r=4, alpha=16, dropout=0.1, target_modules=targets))
+    for name, p in lora_parameters(model):
+        if "lora_B" in name:  # peft initialises B to zero; give the adapter a non-trivial state
+            torch.nn.init.normal_(p, std=0.2)
+    return model.eval()

@@ -115,8 +115,9 @@ def _projections(bases, sites) -> list[Projection]:
 
 
 def _stack_into(bases, sites) -> torch.Tensor:
-    """[W_1; ...; W_n; A_1; ...] in bfloat16, the base layers rebound to views of their rows: one product gives
-    the base outputs and every A x; its transpose product gives the input gradient of both paths."""
+    """[W_1; ...; W_n; A_1; ...] in bfloat16 (A of the sites that are not None), the layers rebound to views of
+    their rows: one product gives the base outputs and every A x; its transpose product gives the input
+    gradient of both paths."""
     stacked, views = _stack([b.weight for b in bases] + [s.a.detach().to(torch.bfloat16) for s in sites if s])
     for base, view in zip(bases, views):
         _rebind(base, view)
@@ -152,9 +153,7 @@ def plan_layers(model, sites) -> tuple[list[LayerPlan], str | None]:
         sites_qkvo = [by_module.get(id(m)) for m in modules]
         qkv, o = _projections(bases[:3], sites_qkvo[:3]), _projections(bases[3:], sites_qkvo[3:])
         qkv_stack, o_stack = _stack_into(bases[:3], sites_qkvo[:3]), _stack_into(bases[3:], sites_qkvo[3:])
-        gate_up, gu_views = _stack([mlp.gate_proj.weight, mlp.up_proj.weight])
-        _rebind(mlp.gate_proj, gu_views[0])
-        _rebind(mlp.up_proj, gu_views[1])
+        gate_up = _stack_into([mlp.gate_proj, mlp.up_proj], [None, None])
         window = getattr(config, "sliding_window", None) if type(layer).__name__ == "MistralDecoderLayer" else None
         plans.append(LayerPlan(
             layer=layer, norm1=layer.input_layernorm.weight.detach(), eps1=float(layer.input_layernorm.variance_epsilon),

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import lora_model
 
-from g2is_graph.config import DataConfig, LoraSettings, ProjectorConfig
+from g2is_graph.config import DataConfig, ProjectorConfig
 from g2is_graph.data.records import collate, encode_all, read_jsonl
 from g2is_graph.grads import fused_llama
 from g2is_graph.grads.gradients import (
@@ -16,16 +17,7 @@ from g2is_graph.grads.gradients import (
     reference_gradient,
 )
 from g2is_graph.grads.projection import Projector
-from g2is_graph.model.loading import add_lora, load_base_model, load_tokenizer, lora_parameters
-
-
-def lora_model(tiny_model, targets=("q_proj", "k_proj", "v_proj", "o_proj")):
-    torch.manual_seed(0)
-    model = add_lora(load_base_model(tiny_model), LoraSettings(r=4, alpha=16, dropout=0.1, target_modules=targets))
-    for name, p in lora_parameters(model):
-        if "lora_B" in name:  # peft initialises B to zero; give the adapter a non-trivial state
-            torch.nn.init.normal_(p, std=0.2)
-    return model.eval()
+from g2is_graph.model.loading import load_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +50,7 @@ def per_example(extractor, examples, pad_id):
 
 
 def converted(tiny_model, fused: bool, targets=("q_proj", "k_proj", "v_proj", "o_proj")):
-    model = lora_model(tiny_model, targets)
+    model = lora_model(tiny_model, targets=targets)
     bfloat16_base_layers(model)
     extractor = PerExampleGradients(model)
     if not fused:
@@ -73,7 +65,7 @@ def cosines(a, b):
 @pytest.mark.parametrize("targets", [("q_proj", "k_proj", "v_proj", "o_proj"), ("q_proj", "v_proj")])
 def test_fused_layers_give_the_gradients_of_the_models_own_layers(tiny_model, examples, fused_calls, targets):
     encoded, pad_id = examples
-    exact = torch.stack([reference_gradient(lora_model(tiny_model, targets), torch.tensor([e.input_ids]),
+    exact = torch.stack([reference_gradient(lora_model(tiny_model, targets=targets), torch.tensor([e.input_ids]),
                                             torch.tensor([e.labels])) for e in encoded])
     own, own_losses = per_example(converted(tiny_model, False, targets), encoded, pad_id)
     assert not fused_calls

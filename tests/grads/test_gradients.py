@@ -5,20 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import lora_model
 
 from g2is_graph.config import DataConfig, LoraSettings
 from g2is_graph.data.records import collate, encode_all, read_jsonl
 from g2is_graph.grads.gradients import AdamState, PerExampleGradients, adam_feature, reference_gradient
 from g2is_graph.model.loading import add_lora, load_base_model, load_tokenizer, lora_parameters
-
-
-def lora_model(tiny_model, dtype="float32"):
-    torch.manual_seed(0)
-    model = add_lora(load_base_model(tiny_model, dtype), LoraSettings(r=4, alpha=16, dropout=0.1))
-    for name, p in lora_parameters(model):
-        if "lora_B" in name:  # peft initialises B to zero; give the adapter a non-trivial state
-            torch.nn.init.normal_(p, std=0.2)
-    return model.eval()
 
 
 @pytest.fixture(scope="module")
