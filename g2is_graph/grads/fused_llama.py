@@ -234,8 +234,7 @@ class FusedLayer(torch.autograd.Function):
         normed2, inverse2 = _rms(hidden2, plan.eps2)
         gate_up = torch.nn.functional.linear((normed2 * plan.norm2).to(torch.bfloat16), plan.gate_up)
         inter = plan.intermediate
-        act = torch.nn.functional.silu(gate_up[..., :inter].float(), inplace=True).mul_(gate_up[..., inter:])
-        act = act.to(torch.bfloat16)
+        act = torch.nn.functional.silu(gate_up[..., :inter]).mul_(gate_up[..., inter:])
         result = torch.nn.functional.linear(act, plan.down).float().add_(hidden2)
         ctx.plan, ctx.formed = plan, formed
         ctx.state = (cos, signed_sin, normed1, inverse1, x1, stacked, q, k, v, attended, lse, xo, stacked_o, normed2,
@@ -252,13 +251,10 @@ class FusedLayer(torch.autograd.Function):
         inter = plan.intermediate
         # MLP: act = silu(gate) * up; silu' = sigmoid + silu (1 - sigmoid)
         grad_act = grad.to(torch.bfloat16) @ plan.down
-        gate = gate_up[..., :inter].float()
-        sigmoid = torch.sigmoid(gate)  # recomputed: keeping it would add [tokens, intermediate] float32 per layer
-        silu = gate.mul_(sigmoid)
+        gate, up = gate_up[..., :inter], gate_up[..., inter:]
         grad_gate_up = torch.empty_like(gate_up)
-        torch.mul(silu, grad_act, out=grad_gate_up[..., inter:])
-        slope = torch.addcmul(sigmoid, silu, 1 - sigmoid).mul_(gate_up[..., inter:])
-        torch.mul(slope, grad_act, out=grad_gate_up[..., :inter])
+        torch.mul(torch.nn.functional.silu(gate), grad_act, out=grad_gate_up[..., inter:])
+        torch.ops.aten.silu_backward.grad_input(grad_act * up, gate, grad_input=grad_gate_up[..., :inter])
         grad_x2 = (grad_gate_up @ plan.gate_up).float()
         grad_hidden2 = _rms_backward(grad_x2, plan.norm2, normed2, inverse2, grad)
         grad_xo = _projection_backward(grad_hidden2, [plan.o], stacked_o, xo, plan.o_stack, formed)
