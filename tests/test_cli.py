@@ -218,3 +218,33 @@ def test_long_commands_freeze_only_a_fresh_process_imports():
     fresh = subprocess.run([sys.executable, "-c", "import gc, torch; from g2is_graph.cli import freeze_imports; "
                             "freeze_imports(); print(gc.get_freeze_count())"], capture_output=True, text=True, check=True)
     assert int(fresh.stdout) > 100_000  # a command started from the shell: torch and the package frozen
+
+
+@pytest.mark.parametrize("entry", ["run", "main"])
+def test_the_program_ends_a_long_command_without_the_interpreters_teardown(entry, tiny_model, pool_file, tmp_path):
+    """`run` (the console script and `python -m g2is_graph.cli`) ends a warmup with os._exit once its output is
+    flushed: an atexit hook never runs, the exit code, the printed checkpoints and the files are all there;
+    `main`, which a host process calls, returns to the interpreter as usual."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from ingest.warmup import Checkpoint
+
+    out = tmp_path / "warm"
+    code = ("import atexit, sys; atexit.register(lambda: print('teardown ran', flush=True)); "
+            f"from g2is_graph.cli import {entry}; sys.argv = ['g2is'] + sys.argv[1:]; {entry}()")
+    done = subprocess.run([sys.executable, "-c", code, "-q", "warmup", str(pool_file), "--model", str(tiny_model),
+                           "--out", str(out), "--fraction", "0.2", "--lora-r", "2", "--lora-alpha", "4"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert ("teardown ran" in done.stdout) == (entry == "main")
+    assert done.stdout.startswith(f"{out / 'checkpoint-epoch1'}\tepoch 1")
+    checkpoint = Checkpoint.load(out / "checkpoint-epoch1")
+    assert checkpoint.step > 0 and load_file(checkpoint.path / "adapter_model.safetensors")
+    assert len(load_file(checkpoint.path / "adam_state.safetensors")) > 0  # whole files: they parse
+    refused_run = subprocess.run([sys.executable, "-c", code, "warmup", str(pool_file), "--model", str(tiny_model),
+                                  "--out", str(tmp_path / "w2"), "--fraction", "2"], capture_output=True, text=True,
+                                 timeout=600)
+    assert refused_run.returncode == 2 and "error: " in refused_run.stderr and "Traceback" not in refused_run.stderr
