@@ -8,10 +8,11 @@ of one, and the input gradient of a projection and of its adapter out of one pro
 [W; A]. One thread of the 2-core AMD EPYC took 0.88-0.95 s per GSM8K example instead of 1.00-1.07 s.
 
 Numbers are base-bfloat16's: base products take bfloat16 inputs and accumulate in float32; norms, rotary
-embedding, attention and the residual stream are float32, and so are each LoRA layer's input x and output
-gradient g and the per-example products g^T (A x) and (B^T g)^T x. A x and B^T g themselves come out of
-bfloat16 products (with the base weights' in one matrix), as do the adapter's delta B (A x) and A^T (B^T g):
-against exact float32 gradients of 16 GSM8K records at r=128 the unprojected pairwise fidelity is 0.9995 (sgd)
+embedding, attention and the residual stream are float32. A x and B^T g come out of bfloat16 products (with
+the base weights' in one matrix), as do the adapter's delta B (A x) and A^T (B^T g); the per-example products
+g^T (A x) and (B^T g)^T x take those bfloat16 factors, accumulate in float32 and round each entry once; the
+MLP's SiLU and its backward run on the bfloat16 products (float32 inside the kernels, one rounding out).
+Against exact float32 gradients of 16 GSM8K records at r=128 the unprojected pairwise fidelity is 0.9995 (sgd)
 and 0.9998 (adam), the model's own base-bfloat16 layers' 0.9988 and 0.9995.
 
 Layers qualify when they are Llama-shaped (LlamaDecoderLayer, MistralDecoderLayer: RMSNorm, q/k/v/o without
