@@ -50,35 +50,32 @@ def freeze_imports() -> None:
         gc.freeze()
 
 
-_teardown = {"skip": False}  # set by skip_teardown, read by run
+_teardown = {"skip": False}  # set by long_command, read by run
 
 
-def skip_teardown() -> None:
-    """Ask `run` to end the process without the interpreter's teardown once this command has returned: tearing
-    down torch, transformers, peft and a loaded model frees nothing the OS does not, and took 0.5-0.9 s (2% of a
-    64-record SmolLM2 gradient job, measured). For commands whose every output file is closed before they
-    return and that leave nothing to atexit hooks (warmup, gradients, ingest)."""
+def long_command() -> None:
+    """What warmup, gradients and ingest do first: freeze_imports, and ask `run` to end the process without the
+    interpreter's teardown once the command has returned. Tearing down torch, transformers, peft and a loaded
+    model frees nothing the OS does not, and took 0.5-0.9 s (2% of a 64-record SmolLM2 gradient job, measured);
+    these commands close every output file before they return and leave nothing to atexit hooks."""
+    freeze_imports()
     _teardown["skip"] = True
 
 
 def run() -> None:
-    """The `g2is` program (its console script and `python -m g2is_graph.cli`): `main`, and after a command that
-    called skip_teardown, os._exit with its exit code once stdout, stderr and logging are flushed. A process
-    that calls `main` itself (a test, a notebook) is never ended this way."""
+    """The `g2is` program (its console script and `python -m g2is_graph.cli`): `main`, and after a long_command,
+    os._exit with its exit code once stdout, stderr and logging are flushed. A process that calls `main` itself
+    (a test, a notebook) is never ended this way."""
     try:
         main()
-    except SystemExit as exc:
+    except SystemExit as exc:  # main (standalone) always ends here
         code = 0 if exc.code is None else exc.code
         if not _teardown["skip"] or not isinstance(code, int):
             raise
-    else:  # main in standalone mode always ends in SystemExit; this is only for safety
-        code = 0
-        if not _teardown["skip"]:
-            return
-    sys.stdout.flush()
-    sys.stderr.flush()
-    logging.shutdown()
-    os._exit(code)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        logging.shutdown()
+        os._exit(code)
 
 
 def error_lines(exc: BaseException) -> tuple[int, str, str]:
@@ -434,8 +431,7 @@ def warmup(obj: Context, pool, model_spec, out, lora_r, lora_alpha, max_length, 
     """LoRA warmup on a seeded fraction of POOL; saves adapter + name-keyed Adam state per epoch."""
     from ingest.warmup import checkpoint_weights, run_warmup
 
-    freeze_imports()
-    skip_teardown()
+    long_command()
     config = with_lora(obj.build(cfg.WarmupConfig, "warmup", **flags), lora_r, lora_alpha)
     data_config = _data_config(obj, max_length, template, skip_bad, prompt_completion)
     checkpoints = run_warmup(pool, model_spec, out, config, data_config,
@@ -498,8 +494,7 @@ def gradients(obj: Context, records, model_spec, checkpoints, out, projector_kin
     from g2is_graph.pipeline import data_for
     from ingest.gradients import parse_shard, run_gradients
 
-    freeze_imports()
-    skip_teardown()
+    long_command()
     config = obj.build(cfg.GradientConfig, "gradients", **flags)
     projector = obj.build(cfg.ProjectorConfig, "projector", kind=projector_kind, dim=dim, seed=projector_seed,
                           sparse_nnz=sparse_nnz)
@@ -569,8 +564,7 @@ def ingest(obj: Context, records, model_spec, checkpoints, features, projector_k
     from ingest.gradients import run_gradients
     from ingest.graph_build import build_graph, check_state_against_database, graph_content_hashes, graph_projector
 
-    freeze_imports()
-    skip_teardown()
+    long_command()
     if state_dir is None:
         raise cfg.ConfigError("--state is required: the graph state directory the records are added to")
     config = obj.build(cfg.GraphConfig, "graph", **flags)

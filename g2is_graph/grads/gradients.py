@@ -372,20 +372,21 @@ class PerExampleGradients:
                      u: torch.Tensor, x: torch.Tensor) -> None:
         """Hand over one layer's per-example dB = sum_t scaled_t h_t^T and dA = sum_t u_t x_t^T (scaled: the
         gradient at B's output, h = A x, u = B^T scaled)."""
-        grads = torch.bmm(scaled.float().transpose(1, 2), h.float())
-        stream.consume(site.b_index, self.offsets[site.b_index], grads.view(grads.shape[0], -1))
-        grads = torch.bmm(u.float().transpose(1, 2), x.float())
-        stream.consume(site.a_index, self.offsets[site.a_index], grads.view(grads.shape[0], -1))
+        self._hand_over(stream, site, torch.bmm(scaled.float().transpose(1, 2), h.float()),
+                        torch.bmm(u.float().transpose(1, 2), x.float()))
 
     def _lora_formed_bfloat16(self, stream: "_Stream", site: LoraSite, grad_out: torch.Tensor, h: torch.Tensor,
                               u: torch.Tensor, x: torch.Tensor) -> None:
         """The fused layers' hand-over, every factor in bfloat16 as their products made or took it (g and x as cast
         for the input-gradient and forward products, h = A x and u = scale B^T g as they came out): dB = scale
         sum_t g_t h_t^T and dA = sum_t u_t x_t^T accumulate in float32 and round once per entry, no casts."""
-        grads = torch.bmm(grad_out.transpose(1, 2), h).float().mul_(site.scale)
-        stream.consume(site.b_index, self.offsets[site.b_index], grads.view(grads.shape[0], -1))
-        grads = torch.bmm(u.transpose(1, 2), x).float()
-        stream.consume(site.a_index, self.offsets[site.a_index], grads.view(grads.shape[0], -1))
+        self._hand_over(stream, site, torch.bmm(grad_out.transpose(1, 2), h).float().mul_(site.scale),
+                        torch.bmm(u.transpose(1, 2), x).float())
+
+    def _hand_over(self, stream: "_Stream", site: LoraSite, b_grads: torch.Tensor, a_grads: torch.Tensor) -> None:
+        """Pass a layer's per-example [B, out, r] dB and [B, r, in] dA to the stream's consumer, flattened."""
+        stream.consume(site.b_index, self.offsets[site.b_index], b_grads.view(b_grads.shape[0], -1))
+        stream.consume(site.a_index, self.offsets[site.a_index], a_grads.view(a_grads.shape[0], -1))
 
     def _hook(self, module, key: tuple[str, int]) -> None:
         self._handles.append(module.register_forward_hook(lambda mod, args, output: self._entered(key, args[0], output)))
@@ -419,7 +420,7 @@ class PerExampleGradients:
             self._handles.clear()
             for site in self._sites:
                 site.module.__dict__.pop("forward", None)
-            for plan in (self.fused or ([], None))[0]:
+            for plan in self.plan_fused()[0]:  # planned in _attach already
                 plan.layer.__dict__.pop("forward", None)
             for p in self._params:
                 p.requires_grad_(True)
